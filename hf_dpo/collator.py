@@ -1,0 +1,77 @@
+"""DPOCollator: pad a batch of tokenized pairs and stack it as ``[chosen_1..B, rejected_1..B]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+# Per-pair float columns that travel from the data set to the trainer untouched
+# (cached reference log-prob sums, see reference.py).
+PASSTHROUGH_FLOAT_COLUMNS = ("ref_chosen_logp_sums", "ref_rejected_logp_sums")
+
+
+def _round_up(length: int, multiple: Optional[int]) -> int:
+    if not multiple:
+        return length
+    return -(-length // multiple) * multiple
+
+
+@dataclass
+class DPOCollator:
+    """Right-pad each batch to its own longest sequence and concatenate both sides.
+
+    Each feature is one tokenized pair with ``chosen_input_ids``,
+    ``chosen_response_mask``, ``rejected_input_ids``, ``rejected_response_mask``
+    (lists of equal length per side; the mask marks response tokens), and
+    optionally ``row_id`` and cached reference sums.
+
+    Returns a dict:
+        ``input_ids`` ``(2B, T)``: chosen rows first, then rejected rows, right-padded with ``pad_token_id``.
+        ``attention_mask`` ``(2B, T)``: 1 on real tokens.
+        ``response_mask`` ``(2B, T)``: aligned for next-token prediction,
+            ``response_mask[i, t] = 1`` iff ``input_ids[i, t + 1]`` is a response token.
+        ``chosen_lengths``, ``rejected_lengths`` ``(B,)``: response token counts.
+        ``row_ids`` ``(B,)`` when the features carry ``row_id``.
+
+    There is deliberately no ``labels`` key: Trainer treats a batch with labels
+    as token-normalized and would change how it scales accumulated losses.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: Optional[int] = None
+    passthrough_columns: tuple[str, ...] = field(default=PASSTHROUGH_FLOAT_COLUMNS)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        token_masks = [f["chosen_response_mask"] for f in features] + [f["rejected_response_mask"] for f in features]
+        width = _round_up(max(len(s) for s in sequences), self.pad_to_multiple_of)
+
+        rows = len(sequences)
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)  # (2B, T)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)  # (2B, T)
+        response_mask = torch.zeros((rows, width), dtype=torch.bool)  # (2B, T)
+        for i, (ids, mask) in enumerate(zip(sequences, token_masks)):
+            if len(ids) != len(mask):
+                raise ValueError(f"row {i}: input_ids has {len(ids)} tokens but its response mask has {len(mask)}")
+            input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[i, : len(ids)] = 1
+            # Shift left by one: the logits at t-1 predict the response token at t.
+            response_mask[i, : len(ids) - 1] = torch.as_tensor(mask[1:], dtype=torch.bool)
+
+        n_pairs = len(features)
+        counts = response_mask.sum(-1)  # (2B,)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "response_mask": response_mask,
+            "chosen_lengths": counts[:n_pairs],
+            "rejected_lengths": counts[n_pairs:],
+        }
+        if "row_id" in features[0]:
+            batch["row_ids"] = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
+        for name in self.passthrough_columns:
+            if name in features[0]:
+                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
+        return batch

@@ -1,0 +1,144 @@
+"""DPOConfig: TrainingArguments plus the DPO settings, one help text per field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from transformers import TrainingArguments
+
+from .losses import LOSS_REGISTRY
+
+REFERENCE_CHOICES = ("auto", "model", "adapter", "none")
+COMPLETION_TURNS_CHOICES = ("last", "all")
+ON_BAD_ROW_CHOICES = ("error", "skip")
+
+# Per-token log-ratios are about |y| times smaller than summed ones, so the
+# normalized loss needs a larger beta for the same sigmoid slope.
+DEFAULT_BETA_SUM = 0.1
+DEFAULT_BETA_MEAN = 2.0
+
+
+def _choices_help(text: str, choices) -> str:
+    return f"{text} Choices: {', '.join(choices)}."
+
+
+@dataclass
+class DPOConfig(TrainingArguments):
+    """Training arguments for :class:`hf_dpo.NormalizedDPOTrainer`.
+
+    Everything not listed here (batch size, learning rate, precision, logging,
+    checkpointing, distribution) is a regular ``TrainingArguments`` field.
+    """
+
+    beta: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Inverse temperature of the preference loss. Default: "
+            f"{DEFAULT_BETA_MEAN} with length_normalize (per-token log-ratios; about 2-10 works), "
+            f"{DEFAULT_BETA_SUM} for summed log-probs."
+        },
+    )
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": _choices_help(
+                "Preference loss. " + "; ".join(f"{name}: {spec.description}" for name, spec in LOSS_REGISTRY.items()) + ".",
+                LOSS_REGISTRY,
+            ),
+            "choices": list(LOSS_REGISTRY),
+        },
+    )
+    length_normalize: bool = field(
+        default=True,
+        metadata={"help": "Compare the mean log-prob per response token (True) instead of the sum (False, classic DPO)."},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Assumed probability that a preference label is flipped (cDPO for sigmoid, robust DPO); in [0, 0.5)."},
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "Target reward margin of the simpo loss, in reward units."})
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "Weight of an added per-token NLL term on the chosen response (0 turns it off)."}
+    )
+    max_length: Optional[int] = field(
+        default=1024, metadata={"help": "Longest prompt + response in tokens; responses are cut from the right to fit."}
+    )
+    max_prompt_length: Optional[int] = field(
+        default=512, metadata={"help": "Longest prompt in tokens; longer prompts lose their oldest tokens first."}
+    )
+    completion_turns: str = field(
+        default="last",
+        metadata={
+            "help": _choices_help(
+                "Which assistant turns are scored: only the final answer, or every assistant turn of the conversation.",
+                COMPLETION_TURNS_CHOICES,
+            ),
+            "choices": list(COMPLETION_TURNS_CHOICES),
+        },
+    )
+    reference: str = field(
+        default="auto",
+        metadata={
+            "help": _choices_help(
+                "Reference for the log-ratios: a separate frozen model, the PEFT model with its adapter disabled, "
+                "or none (reference-free losses). auto: the given ref_model, else the disabled adapter for a PEFT "
+                "model, else none for reference-free losses, else a frozen copy of the initial policy.",
+                REFERENCE_CHOICES,
+            ),
+            "choices": list(REFERENCE_CHOICES),
+        },
+    )
+    on_bad_row: str = field(
+        default="error",
+        metadata={
+            "help": _choices_help("What a malformed data row does: stop with an error naming file and line, or count and skip it.", ON_BAD_ROW_CHOICES),
+            "choices": list(ON_BAD_ROW_CHOICES),
+        },
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Turn dropout off in policy and reference, so that both score alike at step 0."}
+    )
+    logprob_chunk_size: int = field(
+        default=1024, metadata={"help": "Response positions per fp32 log-sum-exp chunk; bounds the log-prob temporaries."}
+    )
+    pad_to_multiple_of: Optional[int] = field(
+        default=None, metadata={"help": "Pad each batch's length to a multiple of this (e.g. 8 for tensor cores)."}
+    )
+    dataset_num_proc: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing the data set."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: the DPO collator needs the tokenized pair columns, which the model's forward does not name."},
+    )
+
+    def __post_init__(self):
+        self.beta_is_default = self.beta is None
+        if self.beta is None:
+            self.beta = DEFAULT_BETA_MEAN if self.length_normalize else DEFAULT_BETA_SUM
+        _check_choice("loss_type", self.loss_type, LOSS_REGISTRY)
+        _check_choice("completion_turns", self.completion_turns, COMPLETION_TURNS_CHOICES)
+        _check_choice("reference", self.reference, REFERENCE_CHOICES)
+        _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
+        if not self.beta > 0:
+            raise ValueError(f"--beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
+        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be a positive integer, got {value}")
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length ({self.max_length}) "
+                "to leave room for the response"
+            )
+        if self.reference == "none" and LOSS_REGISTRY[self.loss_type].needs_reference:
+            raise ValueError(f"--reference none cannot be used with --loss_type {self.loss_type}, which needs a reference")
+        super().__post_init__()
+
+
+def _check_choice(flag: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"--{flag}: got {value!r}; choose one of {', '.join(choices)}")

@@ -1,0 +1,429 @@
+"""Preference rows from files, data sets or the hub, validated into one canonical layout.
+
+Accepted layouts, detected per row (see docs/data.md):
+
+1. MiniMind: ``{"chosen": [messages], "rejected": [messages]}``; the turns before
+   the answer are identical on both sides.
+2. Conversational with explicit prompt: ``{"prompt": [messages], "chosen": [messages],
+   "rejected": [messages]}``.
+3. Strings: ``{"prompt": str, "chosen": str, "rejected": str}``.
+
+Every row becomes ``{"row_id", "layout", "prompt", "chosen", "rejected",
+"prompt_text", "chosen_text", "rejected_text"}``: message layouts fill the three
+message lists (``chosen``/``rejected`` hold the single final assistant turn) and
+leave the texts empty; the string layout does the opposite. ``row_id`` is the
+physical line number of a JSONL file (1-based) or the index in a data set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+MESSAGE_LAYOUTS = ("minimind", "conversational")
+EXAMPLE_LINES = 3
+
+
+class DataError(ValueError):
+    """A row that cannot be trained on; the message names source, line, field and reason."""
+
+    def __init__(self, reason: str, *, field: str = "", source: str = "", line: Optional[int] = None, code: str = "invalid"):
+        self.reason, self.field, self.source, self.line, self.code = reason, field, source, line, code
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        parts = [p for p in (where, self.field) if p]
+        return ": ".join(parts + [self.reason])
+
+    def at(self, source: str, line: int) -> "DataError":
+        """The same error, placed at ``source:line``."""
+        return DataError(self.reason, field=self.field, source=source, line=line, code=self.code)
+
+
+@dataclass
+class DataReport:
+    """What happened to every row: read, kept, and skipped by reason with example lines."""
+
+    sources: list[str] = field(default_factory=list)
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    counters: Counter = field(default_factory=Counter)
+
+    def skip(self, code: str, where: str) -> None:
+        self.skipped[code] += 1
+        examples = self.skip_examples.setdefault(code, [])
+        if len(examples) < EXAMPLE_LINES:
+            examples.append(where)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": self.sources,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "skipped": dict(self.skipped),
+            "skip_examples": self.skip_examples,
+            "counters": dict(self.counters),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DataReport":
+        return cls(
+            sources=list(data.get("sources", [])),
+            rows_read=data.get("rows_read", 0),
+            rows_kept=data.get("rows_kept", 0),
+            skipped=Counter(data.get("skipped", {})),
+            skip_examples={k: list(v) for k, v in data.get("skip_examples", {}).items()},
+            counters=Counter(data.get("counters", {})),
+        )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_text(value: Any, field_name: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {_type_name(value)}", field=field_name, code="bad_type")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError("contains a lone surrogate (invalid Unicode)", field=field_name, code="invalid_text") from None
+    if not allow_empty and not value.strip():
+        raise DataError("is empty or whitespace only", field=field_name, code="empty_content")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check_messages(value: Any, field_name: str, first_role: str = "user") -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise DataError(f"expected a list of messages, got {_type_name(value)}", field=field_name, code="bad_type")
+    if not value:
+        raise DataError("is an empty list", field=field_name, code="empty_content")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{field_name}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"expected a message object, got {_type_name(message)}", field=where, code="bad_type")
+        if "role" not in message:
+            raise DataError("missing 'role'", field=where, code="missing_field")
+        if "content" not in message:
+            raise DataError("missing 'content'", field=where, code="missing_field")
+        role = message["role"]
+        if role not in ROLES:
+            raise DataError(f"unsupported role {role!r}; expected one of {list(ROLES)}", field=f"{where}.role", code="bad_role")
+        content = _check_text(message["content"], f"{where}.content")
+        messages.append({"role": role, "content": content})
+    _check_role_order(messages, field_name, first_role)
+    return messages
+
+
+def _check_role_order(messages: list[dict[str, str]], field_name: str, first_role: str) -> None:
+    """An optional leading system turn, then user and assistant alternating, starting with ``first_role``."""
+    expected = first_role
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role == "system" and i == 0 and first_role == "user":
+            continue
+        if role != expected:
+            raise DataError(f"expected {expected!r}, got {role!r}", field=f"{field_name}[{i}].role", code="bad_role_order")
+        expected = "assistant" if role == "user" else "user"
+
+
+def _common_prefix_length(a: list[dict], b: list[dict]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _single_answer(tail: list[dict[str, str]], field_name: str, offset: int) -> list[dict[str, str]]:
+    if not tail:
+        raise DataError("has no answer after the shared turns", field=field_name, code="no_answer")
+    if len(tail) > 1:
+        raise DataError(
+            f"the turns before the answer differ from the other side's (first difference at {field_name}[{offset}]); "
+            "only the final assistant turn may differ",
+            field=field_name,
+            code="prompt_mismatch",
+        )
+    if tail[0]["role"] != "assistant":
+        raise DataError(f"expected 'assistant', got {tail[0]['role']!r}", field=f"{field_name}[{offset}].role", code="bad_role")
+    return tail
+
+
+def _split_minimind(row: dict[str, Any]) -> dict[str, Any]:
+    chosen = _check_messages(row["chosen"], "chosen")
+    rejected = _check_messages(row["rejected"], "rejected")
+    if chosen == rejected:
+        raise DataError("chosen and rejected are identical", field="chosen", code="identical_responses")
+    shared = _common_prefix_length(chosen, rejected)
+    if shared < len(chosen) and shared < len(rejected) and chosen[shared]["role"] != rejected[shared]["role"]:
+        raise DataError(
+            f"turns differ before the answer: chosen[{shared}] is {chosen[shared]['role']!r}, "
+            f"rejected[{shared}] is {rejected[shared]['role']!r}",
+            field=f"chosen[{shared}]",
+            code="prompt_mismatch",
+        )
+    # Only the final assistant turn may differ, so the shared prefix ends right before it.
+    prompt_length = min(shared, len(chosen) - 1, len(rejected) - 1)
+    prompt = chosen[:prompt_length]
+    if not prompt:
+        raise DataError("no turn before the answer", field="chosen", code="no_prompt")
+    return {
+        "prompt": prompt,
+        "chosen": _single_answer(chosen[prompt_length:], "chosen", prompt_length),
+        "rejected": _single_answer(rejected[prompt_length:], "rejected", prompt_length),
+    }
+
+
+def _split_conversational(row: dict[str, Any]) -> dict[str, Any]:
+    prompt = _check_messages(row["prompt"], "prompt")
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"the prompt must end with a user turn, got {prompt[-1]['role']!r}", field=f"prompt[{len(prompt) - 1}].role", code="bad_role_order")
+    sides = {}
+    for side in ("chosen", "rejected"):
+        value = row[side]
+        # Some exports repeat the prompt inside chosen/rejected; accept it when it matches exactly.
+        offset = len(prompt) if isinstance(value, list) and value[: len(prompt)] == prompt else 0
+        answer = _check_messages(value[offset:] if offset else value, side, first_role="assistant")
+        if len(answer) > 1:
+            raise DataError(f"expected one assistant turn, got {len(answer)} turns", field=side, code="multi_turn_answer")
+        sides[side] = answer
+    return {"prompt": prompt, **sides}
+
+
+def _split_strings(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "prompt_text": _check_text(row["prompt"], "prompt"),
+        "chosen_text": _check_text(row["chosen"], "chosen"),
+        "rejected_text": _check_text(row["rejected"], "rejected"),
+    }
+
+
+def detect_layout(row: Any) -> str:
+    """Name the layout of one raw row, or raise :class:`DataError` saying why it is none."""
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {_type_name(row)}", code="not_an_object")
+    missing = [k for k in ("chosen", "rejected") if k not in row]
+    if missing:
+        keys = ", ".join(sorted(map(str, row))) or "none"
+        raise DataError(
+            f"not a preference row: missing {' and '.join(repr(k) for k in missing)} (keys present: {keys})",
+            field=missing[0],
+            code="missing_field",
+        )
+    if "prompt" not in row or row["prompt"] is None:
+        return "minimind"
+    if isinstance(row["prompt"], str):
+        return "string"
+    return "conversational"
+
+
+def validate_row(row: Any) -> dict[str, Any]:
+    """Turn one raw row into the canonical layout; raise :class:`DataError` (without a location) if it is bad."""
+    layout = detect_layout(row)
+    canonical = {"layout": layout, "prompt": [], "chosen": [], "rejected": [], "prompt_text": "", "chosen_text": "", "rejected_text": ""}
+    if layout == "minimind":
+        canonical.update(_split_minimind(row))
+    elif layout == "conversational":
+        canonical.update(_split_conversational(row))
+    else:
+        canonical.update(_split_strings(row))
+    if _answer_text(canonical, "chosen") == _answer_text(canonical, "rejected"):
+        raise DataError("chosen and rejected answers are identical", field="rejected", code="identical_responses")
+    return canonical
+
+
+def _answer_text(canonical: dict[str, Any], side: str) -> str:
+    return canonical[f"{side}_text"] if canonical["layout"] == "string" else canonical[side][0]["content"]
+
+
+# Identical answers are well-formed but untrainable (the pair only ever gives ln 2
+# and no gradient), so they are skipped and counted even when bad rows raise.
+UNTRAINABLE = frozenset({"identical_responses"})
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield ``(physical line, parsed JSON)``; raise :class:`DataError` for undecodable lines."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield line_number, DataError(f"invalid UTF-8 at byte {err.start}", code="invalid_utf8")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield line_number, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield line_number, DataError(f"malformed JSON ({err.msg} at column {err.colno})", code="bad_json")
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read as JSON: {err}", source=str(path), code="bad_json") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"expected a JSON array of rows, got {_type_name(data)}", source=str(path), code="bad_json")
+    # A JSON array has no useful physical lines; rows are numbered from 1 in order.
+    yield from enumerate(data, start=1)
+
+
+def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
+    if path.suffix == ".json" and head.startswith(b"["):
+        return _iter_json_array(path)
+    return _iter_jsonl(path)
+
+
+def _files_in(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".json") and p.is_file())
+    if not files:
+        raise DataError("no .jsonl or .json files in this directory", source=str(directory), code="empty_source")
+    return files
+
+
+def _rows_of(source: Any, split: Optional[str]) -> Iterable[tuple[str, Iterable[tuple[int, Any]]]]:
+    """Yield ``(source label, iterator of (row id, raw row))`` for every part of ``source``."""
+    if isinstance(source, (datasets.Dataset, list)):
+        label = "<dataset>" if isinstance(source, datasets.Dataset) else "<rows>"
+        yield label, enumerate(source)
+        return
+    if isinstance(source, datasets.DatasetDict):
+        if split is None:
+            raise ValueError(f"a DatasetDict needs split=; available: {list(source)}")
+        yield f"<dataset:{split}>", enumerate(source[split])
+        return
+    path = Path(os.fspath(source))
+    if path.is_dir():
+        for file in _files_in(path):
+            yield str(file), _iter_file(file)
+    elif path.is_file():
+        yield str(path), _iter_file(path)
+    elif path.suffix in (".jsonl", ".json") or os.sep in str(source):
+        raise FileNotFoundError(f"preference data file not found: {path}")
+    else:
+        hub = datasets.load_dataset(str(source), split=split or "train")
+        yield f"{source}:{split or 'train'}", enumerate(hub)
+
+
+def read_preference_rows(
+    source: Union[str, os.PathLike, datasets.Dataset, list], split: Optional[str] = None, on_bad_row: str = "error"
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Validate every row of ``source``; return the canonical rows and the report.
+
+    ``on_bad_row="error"`` raises the first structural error; ``"skip"`` counts
+    it per reason instead. Untrainable pairs are always skipped and counted.
+    An empty result is an error.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
+    report = DataReport()
+    rows: list[dict[str, Any]] = []
+    family: Optional[tuple[str, str]] = None  # ("messages"|"strings", where it was first seen)
+    for label, items in _rows_of(source, split):
+        report.sources.append(label)
+        for row_id, raw in items:
+            report.rows_read += 1
+            try:
+                if isinstance(raw, DataError):
+                    raise raw
+                canonical = validate_row(raw)
+                kind = "strings" if canonical["layout"] == "string" else "messages"
+                if family is None:
+                    family = (kind, f"{label}:{row_id}")
+                elif kind != family[0]:
+                    raise DataError(
+                        f"mixed layouts: this row uses {kind} but {family[1]} uses {family[0]}", code="mixed_layouts"
+                    )
+            except DataError as err:
+                located = err.at(label, row_id)
+                if on_bad_row == "error" and err.code not in UNTRAINABLE:
+                    raise located from None
+                report.skip(err.code, f"{label}:{row_id}")
+                logger.debug("skipped %s", located)
+                continue
+            canonical["row_id"] = row_id
+            rows.append(canonical)
+    report.rows_kept = len(rows)
+    if not rows:
+        reasons = ", ".join(f"{code} x{n}" for code, n in report.skipped.items()) or "the source has no rows"
+        raise DataError(f"no valid preference rows ({report.rows_read} read; {reasons})", source=", ".join(report.sources), code="empty_source")
+    return rows, report
+
+
+REPORT_MARKER = "hf_dpo.data_report="
+
+
+def load_preference_dataset(
+    source: Union[str, os.PathLike, datasets.Dataset, list], split: Optional[str] = None, on_bad_row: str = "error"
+) -> datasets.Dataset:
+    """Load preference rows from a JSONL/JSON file or directory, a ``datasets.Dataset``, a list, or a hub name.
+
+    Returns a ``datasets.Dataset`` in the canonical layout (see module docstring).
+    Bad rows raise :class:`DataError` naming ``file:line: field: reason``, or are
+    counted and skipped with ``on_bad_row="skip"``; the counts travel with the
+    data set and are read back by :func:`data_report`.
+    """
+    rows, report = read_preference_rows(source, split=split, on_bad_row=on_bad_row)
+    if report.rows_skipped:
+        logger.warning(
+            "skipped %d of %d rows: %s",
+            report.rows_skipped,
+            report.rows_read,
+            ", ".join(f"{code} x{n} (e.g. {', '.join(report.skip_examples[code])})" for code, n in report.skipped.items()),
+        )
+    features = datasets.Features(
+        {
+            "row_id": datasets.Value("int64"),
+            "layout": datasets.Value("string"),
+            **{k: [{"role": datasets.Value("string"), "content": datasets.Value("string")}] for k in ("prompt", "chosen", "rejected")},
+            **{k: datasets.Value("string") for k in ("prompt_text", "chosen_text", "rejected_text")},
+        }
+    )
+    info = datasets.DatasetInfo(description=REPORT_MARKER + json.dumps(report.to_dict()), features=features)
+    return datasets.Dataset.from_list(rows, features=features, info=info)
+
+
+def data_report(dataset: datasets.Dataset) -> Optional[DataReport]:
+    """The :class:`DataReport` a data set was loaded with, if it came from :func:`load_preference_dataset`."""
+    description = getattr(dataset.info, "description", "") or ""
+    if not description.startswith(REPORT_MARKER):
+        return None
+    return DataReport.from_dict(json.loads(description[len(REPORT_MARKER) :]))
+
+
+def is_canonical(dataset: datasets.Dataset) -> bool:
+    """Whether ``dataset`` is already in the canonical layout."""
+    return {"row_id", "layout", "prompt", "chosen", "rejected", "prompt_text"} <= set(dataset.column_names)

@@ -1,0 +1,84 @@
+"""Log-probabilities of the response tokens, without a full-vocabulary log-softmax.
+
+The collator's ``response_mask`` is already aligned for next-token prediction:
+``response_mask[i, t]`` is 1 when the logits at position ``t`` predict a
+response token, i.e. ``input_ids[i, t + 1]`` belongs to the response. So the
+target of position ``t`` is ``input_ids[i, t + 1]`` and no shift is needed
+later.
+
+Only the masked positions are gathered, then processed in chunks with an fp32
+log-sum-exp, so the largest temporary is ``(chunk_size, V)`` in fp32 rather
+than a ``(2B, T, V)`` log-softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def next_token_targets(input_ids: Tensor) -> Tensor:
+    """``(N, T)`` targets: position ``t`` predicts ``input_ids[:, t + 1]``; the last column is 0 (never masked in)."""
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    return targets
+
+
+def token_logps_from_logits(logits: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """Log-probability of each target under ``logits``, in fp32.
+
+    Args:
+        logits: ``(M, V)`` logits of any float dtype.
+        targets: ``(M,)`` token ids.
+        chunk_size: rows per fp32 log-sum-exp; bounds the temporary at ``(chunk_size, V)``.
+
+    Returns:
+        ``(M,)`` fp32 log-probs ``logits[m, targets[m]] - logsumexp(logits[m])``.
+    """
+    pieces = []
+    for start in range(0, logits.shape[0], chunk_size):
+        chunk = logits[start : start + chunk_size].float()  # (c, V)
+        target_logits = chunk.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)  # (c,)
+        pieces.append(target_logits - torch.logsumexp(chunk, dim=-1))
+    if not pieces:
+        return logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def response_logp_sums(
+    logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence sum of response-token log-probs and the number of response tokens.
+
+    Args:
+        logits: ``(N, T, V)`` model output.
+        input_ids: ``(N, T)``.
+        response_mask: ``(N, T)`` bool/int, aligned for next-token prediction (see module docstring).
+
+    Returns:
+        ``(sums, counts)``: ``(N,)`` fp32 sums of log-probs over response tokens, and ``(N,)`` int64 counts.
+    """
+    mask = response_mask.bool()
+    targets = next_token_targets(input_ids)
+    token_logps = token_logps_from_logits(logits[mask], targets[mask], chunk_size)  # (M,)
+    row_of_token = mask.nonzero(as_tuple=True)[0]  # (M,)
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)
+    sums = sums.index_add(0, row_of_token, token_logps)
+    return sums, mask.sum(-1)
+
+
+def sequence_logps(sums: Tensor, counts: Tensor, length_normalize: bool) -> Tensor:
+    """The quantity the loss compares: the sum, or the per-token mean when ``length_normalize``.
+
+    Raises on a zero count: a response with no token has no mean (0/0), and the
+    data layer is supposed to have skipped it already.
+    """
+    if not length_normalize:
+        return sums
+    if bool((counts <= 0).any()):
+        empty = (counts <= 0).nonzero().flatten().tolist()
+        raise ValueError(f"sequences {empty} of the batch have no response token; cannot take a per-token mean")
+    return sums / counts.to(sums.dtype)

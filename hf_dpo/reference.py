@@ -1,0 +1,111 @@
+"""Which reference the log-ratios are taken against, and how to score a batch with it.
+
+Modes:
+    ``model``: a separate frozen model (eval mode, no grad, dropout off).
+    ``adapter``: the PEFT policy itself with its adapter disabled; no second copy in memory.
+    ``none``: reference-free losses (SimPO).
+Cached reference log-prob sums in the batch (``ref_chosen_logp_sums``,
+``ref_rejected_logp_sums``) take precedence over any mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .losses import get_loss
+
+logger = logging.getLogger(__name__)
+
+CACHED_SUM_KEYS = ("ref_chosen_logp_sums", "ref_rejected_logp_sums")
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether ``model`` carries PEFT adapters that can be disabled."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0, so that policy and reference agree exactly at step 0."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, dropout off; returns the model."""
+    model.eval()
+    model.requires_grad_(False)
+    disable_dropout(model)
+    return model
+
+
+def resolve_reference_mode(model: nn.Module, ref_model: Optional[nn.Module], reference: str, loss_type: str) -> str:
+    """Turn ``reference`` (``auto|model|adapter|none``) into the concrete mode, or raise a clear error."""
+    needs_reference = get_loss(loss_type).needs_reference
+    peft = is_peft_model(model)
+    if reference == "auto":
+        if not needs_reference:
+            return "none"
+        if ref_model is not None:
+            return "model"
+        return "adapter" if peft else "model"
+    if reference == "adapter":
+        if not peft:
+            raise ValueError("reference='adapter' needs a PEFT model (pass peft_config= or a PeftModel), but the policy has no adapter")
+        if ref_model is not None:
+            raise ValueError("reference='adapter' uses the policy with its adapter disabled; do not also pass ref_model")
+    if reference == "none" and needs_reference:
+        raise ValueError(f"reference='none' cannot be used with loss_type={loss_type!r}, which needs a reference")
+    return reference
+
+
+def build_reference_model(model: nn.Module, ref_model: Optional[nn.Module], mode: str) -> Optional[nn.Module]:
+    """The frozen reference for ``mode == "model"``: ``ref_model``, else a copy of the initial policy."""
+    if mode != "model":
+        return None
+    if ref_model is None:
+        logger.info("no ref_model given: using a frozen copy of the initial policy as the reference")
+        ref_model = copy.deepcopy(model)
+    return freeze(ref_model)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: nn.Module):
+    """Context in which a (possibly wrapped) PEFT model runs as its base model."""
+    inner = model
+    while not is_peft_model(inner) and hasattr(inner, "module"):
+        inner = inner.module  # DDP / DeepSpeed wrappers
+    with inner.disable_adapter():
+        yield
+
+
+def reference_logp_sums(
+    mode: str,
+    policy: nn.Module,
+    ref_model: Optional[nn.Module],
+    batch: dict[str, torch.Tensor],
+    score: Callable[[nn.Module, dict], tuple[torch.Tensor, torch.Tensor]],
+) -> Optional[torch.Tensor]:
+    """Reference log-prob sums ``(2B,)`` for ``batch``, or None for reference-free training.
+
+    ``score(model, batch)`` returns ``(sums, counts)`` of the batch's response
+    tokens; it is the same function that scores the policy, so both sides see
+    exactly the same tokens and masks.
+    """
+    if all(key in batch for key in CACHED_SUM_KEYS):
+        return torch.cat([batch[CACHED_SUM_KEYS[0]], batch[CACHED_SUM_KEYS[1]]])
+    if mode == "none":
+        return None
+    with torch.no_grad():
+        if mode == "adapter":
+            with adapter_disabled(policy):
+                sums, _ = score(policy, batch)
+        else:
+            sums, _ = score(ref_model, batch)
+    return sums.detach()

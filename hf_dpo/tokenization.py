@@ -1,0 +1,197 @@
+"""Canonical preference rows -> token ids and a token-level response mask.
+
+The response span is found by comparing token ids: the rendered prompt (with
+the generation prompt) is tokenized, the rendered full conversation is
+tokenized, and the response is whatever follows the prompt's tokens. It
+therefore includes the template's end-of-turn tokens. When the prompt's tokens
+are not a prefix of the full tokens (a byte-level BPE merge across the
+boundary), the response text is tokenized on its own and appended to the
+prompt's tokens; such pairs are counted as ``boundary_merges``. Chosen and
+rejected always share the exact same prompt tokens.
+
+Truncation treats the pair as one: the prompt loses its oldest tokens down to
+``max_prompt_length``, then each response is cut from the right to fit
+``max_length``. A pair whose response would keep no token is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import datasets
+
+from .data import DataError, DataReport, data_report
+
+logger = logging.getLogger(__name__)
+
+TOKENIZED_COLUMNS = ("chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask")
+STAT_COLUMNS = ("skip_reason", "prompt_tokens", "chosen_tokens", "rejected_tokens", "prompt_truncated", "responses_truncated", "boundary_merges")
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # Jinja raises many types; the row and the reason matter, not the type.
+        raise DataError(f"the chat template failed: {type(err).__name__}: {err}", code="template_error") from None
+
+
+def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], full_text: str) -> tuple[list[int], bool]:
+    """Tokens of ``full_text`` after the prompt, and whether a boundary merge forced a separate tokenization."""
+    if not full_text.startswith(prompt_text):
+        raise DataError(
+            "the chat template renders the prompt differently inside the full conversation; "
+            "cannot locate the response",
+            code="template_mismatch",
+        )
+    full_ids = _encode(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids) :], False
+    return _encode(tokenizer, full_text[len(prompt_text) :]), True
+
+
+def _earlier_answer_mask(tokenizer, prompt: list[dict], prompt_ids: list[int]) -> list[int]:
+    """For ``completion_turns="all"``: 1 on the tokens of every assistant turn inside the prompt."""
+    mask = [0] * len(prompt_ids)
+    for j, message in enumerate(prompt):
+        if message["role"] != "assistant":
+            continue
+        start = len(_encode(tokenizer, _render(tokenizer, prompt[:j], add_generation_prompt=True)))
+        end = len(_encode(tokenizer, _render(tokenizer, prompt[: j + 1], add_generation_prompt=False)))
+        for t in range(start, min(end, len(prompt_ids))):
+            mask[t] = 1
+    return mask
+
+
+def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str):
+    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges)`` for one canonical row."""
+    if row["layout"] == "string":
+        # Raw concatenation; the tokenizer adds BOS to the prompt if it is configured to.
+        prompt_text = row["prompt_text"]
+        prompt_ids = _encode(tokenizer, prompt_text, add_special_tokens=True)
+        prompt_mask = [0] * len(prompt_ids)
+        full_texts = {side: prompt_text + row[f"{side}_text"] for side in ("chosen", "rejected")}
+    else:
+        prompt_text = _render(tokenizer, row["prompt"], add_generation_prompt=True)
+        prompt_ids = _encode(tokenizer, prompt_text)
+        prompt_mask = _earlier_answer_mask(tokenizer, row["prompt"], prompt_ids) if completion_turns == "all" else [0] * len(prompt_ids)
+        full_texts = {side: _render(tokenizer, row["prompt"] + row[side], add_generation_prompt=False) for side in ("chosen", "rejected")}
+    responses, merges = {}, 0
+    for side, full_text in full_texts.items():
+        if row["layout"] == "string":
+            ids, merged = _response_ids_string(tokenizer, prompt_ids, full_text, len(prompt_text))
+            ids = ids + [tokenizer.eos_token_id]
+        else:
+            ids, merged = _response_ids(tokenizer, prompt_text, prompt_ids, full_text)
+        responses[side] = ids
+        merges += merged
+    return prompt_ids, prompt_mask, responses, merges
+
+
+def _response_ids_string(tokenizer, prompt_ids: list[int], full_text: str, prompt_chars: int) -> tuple[list[int], bool]:
+    full_ids = _encode(tokenizer, full_text, add_special_tokens=True)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        return full_ids[len(prompt_ids) :], False
+    return _encode(tokenizer, full_text[prompt_chars:]), True
+
+
+def tokenize_row(
+    row: dict[str, Any],
+    tokenizer,
+    max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None,
+    completion_turns: str = "last",
+) -> dict[str, Any]:
+    """Tokenize one canonical pair.
+
+    Returns the four :data:`TOKENIZED_COLUMNS` (equal-length id and 0/1 mask lists
+    per side, mask 1 on scored tokens), ``prompt_length`` (shared prompt tokens
+    after truncation), and the statistics in :data:`STAT_COLUMNS`;
+    ``skip_reason`` is ``""`` for a usable pair.
+    """
+    prompt_ids, prompt_mask, responses, merges = _render_pair(row, tokenizer, completion_turns)
+    prompt_tokens = len(prompt_ids)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids, prompt_mask = prompt_ids[-max_prompt_length:], prompt_mask[-max_prompt_length:]
+    out: dict[str, Any] = {
+        "prompt_length": len(prompt_ids),
+        "skip_reason": "",
+        "prompt_tokens": prompt_tokens,
+        "prompt_truncated": len(prompt_ids) < prompt_tokens,
+        "responses_truncated": 0,
+        "boundary_merges": merges,
+    }
+    budget = None if max_length is None else max_length - len(prompt_ids)
+    for side, response in responses.items():
+        out[f"{side}_tokens"] = len(response)
+        if budget is not None and len(response) > budget:
+            response = response[: max(budget, 0)]
+            out["responses_truncated"] += 1
+        if not response or not prompt_ids:
+            # A first token at position 0 has no logits predicting it, so an empty prompt scores nothing either.
+            out["skip_reason"] = "response_truncated_away" if prompt_ids else "empty_prompt"
+        out[f"{side}_input_ids"] = prompt_ids + response
+        out[f"{side}_response_mask"] = prompt_mask + [1] * len(response)
+    return out
+
+
+def _summarise(stats: datasets.Dataset, report: DataReport) -> None:
+    for reason, row_id in zip(stats["skip_reason"], stats["row_id"]):
+        if reason:
+            report.skip(reason, f"row {row_id}")
+    report.counters["prompts_truncated"] += sum(stats["prompt_truncated"])
+    report.counters["responses_truncated"] += sum(stats["responses_truncated"])
+    report.counters["boundary_merges"] += sum(stats["boundary_merges"])
+
+
+def tokenize_dataset(
+    dataset: datasets.Dataset,
+    tokenizer,
+    max_length: Optional[int] = None,
+    max_prompt_length: Optional[int] = None,
+    completion_turns: str = "last",
+    num_proc: Optional[int] = None,
+    report: Optional[DataReport] = None,
+) -> tuple[datasets.Dataset, DataReport]:
+    """Tokenize a canonical data set (from :func:`hf_dpo.load_preference_dataset`) and drop untrainable pairs.
+
+    Returns the tokenized data set (columns :data:`TOKENIZED_COLUMNS`, ``prompt_length``,
+    ``row_id``) and the :class:`DataReport` extended with tokenization counts.
+    Raises :class:`DataError` naming the row when a template fails or nothing is left.
+    """
+    if completion_turns not in ("last", "all"):
+        raise ValueError(f"completion_turns: expected 'last' or 'all', got {completion_turns!r}")
+    if any(layout != "string" for layout in dataset.unique("layout")) and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat_template, which message rows need; set tokenizer.chat_template")
+    if report is None:
+        report = data_report(dataset)
+        # A selected or filtered subset keeps its parent's description; its counts no longer apply.
+        if report is None or report.rows_kept != len(dataset):
+            report = DataReport(rows_read=len(dataset), rows_kept=len(dataset))
+
+    def encode(row):
+        try:
+            return tokenize_row(row, tokenizer, max_length, max_prompt_length, completion_turns)
+        except DataError as err:
+            raise err.at("row", row["row_id"]) from None
+
+    tokenized = dataset.map(encode, num_proc=num_proc, desc="Tokenizing pairs", remove_columns=[c for c in dataset.column_names if c != "row_id"])
+    _summarise(tokenized.select_columns(["skip_reason", "row_id", "prompt_truncated", "responses_truncated", "boundary_merges"]), report)
+    kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason", desc="Dropping untrainable pairs")
+    report.counters["pairs_tokenized"] += len(kept)
+    if len(kept) == 0:
+        raise DataError(f"no pair survived tokenization (skipped: {dict(report.skipped)})", code="empty_source")
+    _log_lengths(kept, report)
+    return kept.remove_columns([c for c in STAT_COLUMNS if c not in ("prompt_tokens", "chosen_tokens", "rejected_tokens")]), report
+
+
+def _log_lengths(kept: datasets.Dataset, report: DataReport) -> None:
+    for column in ("prompt_tokens", "chosen_tokens", "rejected_tokens"):
+        values = sorted(kept[column])
+        report.counters[f"{column}_min"] = values[0]
+        report.counters[f"{column}_median"] = values[len(values) // 2]
+        report.counters[f"{column}_max"] = values[-1]

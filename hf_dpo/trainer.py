@@ -1,0 +1,222 @@
+"""NormalizedDPOTrainer: a thin Trainer subclass for length-normalized DPO.
+
+Trainer and accelerate own the loop, mixed precision, gradient accumulation,
+checkpointing and distribution. This class adds what DPO needs: data preparation,
+a reference, ``compute_loss``/``prediction_step``, and metric logging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from typing import Any, Optional, Union
+
+import datasets
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+
+from .collator import DPOCollator
+from .config import DPOConfig
+from .data import is_canonical, load_preference_dataset
+from .logprobs import response_logp_sums, sequence_logps
+from .losses import preference_loss, sft_nll
+from .reference import build_reference_model, disable_dropout, is_peft_model, reference_logp_sums, resolve_reference_mode
+from .tokenization import TOKENIZED_COLUMNS, tokenize_dataset
+
+logger = logging.getLogger(__name__)
+
+BATCH_COLUMNS = [*TOKENIZED_COLUMNS, "prompt_length", "row_id", "ref_chosen_logp_sums", "ref_rejected_logp_sums"]
+
+
+def as_dpo_config(args: Optional[TrainingArguments]) -> DPOConfig:
+    """Accept plain ``TrainingArguments`` (drop-in use) by carrying every field over to a :class:`DPOConfig`."""
+    if args is None:
+        return DPOConfig(output_dir="hf_dpo_output")
+    if isinstance(args, DPOConfig):
+        return args
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    values["remove_unused_columns"] = False
+    return DPOConfig(**values)
+
+
+class NormalizedDPOTrainer(Trainer):
+    """Direct Preference Optimization with length-normalized (per-token mean) log-probs by default.
+
+    Args:
+        model: the policy, a ``PreTrainedModel`` or a name/path for ``AutoModelForCausalLM.from_pretrained``.
+        ref_model: an optional separate reference model; see ``DPOConfig.reference`` for the default.
+        args: a :class:`DPOConfig` (plain ``TrainingArguments`` are converted with DPO defaults).
+        train_dataset, eval_dataset: raw rows (any layout :func:`hf_dpo.load_preference_dataset` accepts),
+            canonical rows, or already tokenized pairs.
+        processing_class: the tokenizer; needed unless the data sets are already tokenized.
+        peft_config: a ``peft.PeftConfig`` to wrap the policy with; the reference is then the adapter-disabled base.
+    """
+
+    # Our loss is a per-pair mean, so Trainer must divide it by the accumulation steps itself.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: Union[PreTrainedModel, nn.Module, str, None] = None,
+        ref_model: Union[PreTrainedModel, nn.Module, str, None] = None,
+        args: Optional[TrainingArguments] = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs: Any,
+    ):
+        args = as_dpo_config(args)
+        if isinstance(model, str):
+            model = AutoModelForCausalLM.from_pretrained(model)
+        if isinstance(ref_model, str):
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+        if peft_config is not None and not is_peft_model(model):
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()
+        if args.disable_dropout:
+            disable_dropout(model)
+        self.reference_mode = resolve_reference_mode(model, ref_model, args.reference, args.loss_type)
+        self.ref_model = build_reference_model(model, ref_model, self.reference_mode)
+
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if data_collator is None:
+            if tokenizer is None:
+                raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            data_collator = DPOCollator(pad_token_id=pad_id, pad_to_multiple_of=args.pad_to_multiple_of)
+        self.data_reports = {}
+        train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_dataset(v, tokenizer, args, f"eval_{k}") for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, args, "eval")
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # transformers < 4.58 decides the accumulation scaling from this flag alone.
+        self.model_accepts_loss_kwargs = False
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if self.ref_model is not None:
+            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_dataset(self, dataset, tokenizer, args: DPOConfig, name: str):
+        """Raw or canonical rows -> tokenized pairs; already tokenized data passes through."""
+        if dataset is None:
+            return None
+        if isinstance(dataset, datasets.Dataset) and set(TOKENIZED_COLUMNS) <= set(dataset.column_names):
+            return dataset
+        if tokenizer is None:
+            raise ValueError(f"the {name} data set is not tokenized, so processing_class (the tokenizer) is required")
+        with args.main_process_first(desc=f"preparing the {name} data set"):
+            if not (isinstance(dataset, datasets.Dataset) and is_canonical(dataset)):
+                dataset = load_preference_dataset(dataset, on_bad_row=args.on_bad_row)
+            tokenized, report = tokenize_dataset(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                completion_turns=args.completion_turns,
+                num_proc=args.dataset_num_proc,
+            )
+        self.data_reports[name] = report
+        logger.info(
+            "%s data: %d rows read, %d pairs kept, skipped %s",
+            name, report.rows_read, len(tokenized), dict(report.skipped) or "none",
+        )
+        return tokenized
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(BATCH_COLUMNS)
+
+    # ------------------------------------------------------------------ loss
+
+    def score(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response log-prob sums and token counts, each ``(2B,)``, of ``batch`` under ``model``.
+
+        The seam where faster scoring paths plug in; policy and reference share it.
+        """
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return response_logp_sums(outputs.logits, batch["input_ids"], batch["response_mask"], self.args.logprob_chunk_size)
+
+    def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses ``(B,)`` and the batch's metrics (scalars) for ``batch``."""
+        args = self.args
+        policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
+        ref_sums = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self.score)
+        n_pairs = counts.shape[0] // 2
+        policy_logps = sequence_logps(policy_sums, counts, args.length_normalize)  # (2B,)
+        ref_logps = None if ref_sums is None else sequence_logps(ref_sums, counts, args.length_normalize)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_logps[:n_pairs],
+            policy_logps[n_pairs:],
+            None if ref_logps is None else ref_logps[:n_pairs],
+            None if ref_logps is None else ref_logps[n_pairs:],
+            loss_type=args.loss_type,
+            beta=args.beta,
+            label_smoothing=args.label_smoothing,
+            simpo_gamma=args.simpo_gamma,
+        )
+        if args.sft_weight:
+            losses = losses + args.sft_weight * sft_nll(policy_sums[:n_pairs], counts[:n_pairs])
+        detached = policy_logps.detach()
+        metrics = {
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": detached[:n_pairs].mean(),
+            "logps/rejected": detached[n_pairs:].mean(),
+            "lengths/chosen": counts[:n_pairs].float().mean(),
+            "lengths/rejected": counts[n_pairs:].float().mean(),
+        }
+        return losses, metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        losses, metrics = self.pair_losses(model, inputs)
+        loss = losses.mean()
+        self._store_metrics(metrics, "train" if model.training else "eval")
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            losses, metrics = self.pair_losses(model, inputs)
+        self._store_metrics(metrics, "eval")
+        # The DPO metrics are logged through log(); there are no logits to hand to compute_metrics.
+        return losses.mean().detach(), None, None
+
+    # ------------------------------------------------------------------ metrics
+
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], split: str) -> None:
+        # One collective per step: stack, gather across processes, average.
+        stacked = torch.stack([value.detach().float() for value in metrics.values()])  # (K,)
+        gathered = self.accelerator.gather_for_metrics(stacked[None]).mean(0)  # (K,)
+        for key, value in zip(metrics, gathered.tolist()):
+            self._metrics[split][key].append(value)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the DPO metrics averaged over the logging interval (``eval_`` prefixed in evaluation)."""
+        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if split == "eval" else ""
+        for key, values in self._metrics[split].items():
+            if values:
+                logs[prefix + key] = sum(values) / len(values)
+        self._metrics[split].clear()
+        return super().log(logs, *args, **kwargs)
