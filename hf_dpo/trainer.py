@@ -179,7 +179,8 @@ class NormalizedDPOTrainer(Trainer):
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            # Exact ties (policy == reference at step 0) count half: no preference scores chance, 0.5, not 0.
+            "rewards/accuracies": ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             "logps/chosen": detached[:n_pairs].mean(),
             "logps/rejected": detached[n_pairs:].mean(),
