@@ -1,0 +1,123 @@
+"""DPOCollator on hand-written pairs: explicit expected tensors."""
+
+import pytest
+import torch
+
+from hf_dpo.collator import DPOCollator
+
+PAD = 8  # also used as a real token (an EOS), as with the pad == eos templates
+
+
+def features():
+    """Two pairs; token masks are token-aligned (1 on scored tokens), as tokenization emits them.
+
+    pair 0 (row 3): prompt [5, 6]; chosen answer [7, 8], rejected answer [9]
+    pair 1 (row 7): prompt [11]; chosen answer [12, 13, 14, 8] (ends with token 8 == PAD), rejected answer [16]
+    """
+    return [
+        {
+            "row_id": 3,
+            "chosen_input_ids": [5, 6, 7, 8],
+            "chosen_response_mask": [0, 0, 1, 1],
+            "rejected_input_ids": [5, 6, 9],
+            "rejected_response_mask": [0, 0, 1],
+            "ref_chosen_logp_sums": -1.5,
+            "ref_rejected_logp_sums": -0.25,
+        },
+        {
+            "row_id": 7,
+            "chosen_input_ids": [11, 12, 13, 14, 8],
+            "chosen_response_mask": [0, 1, 1, 1, 1],
+            "rejected_input_ids": [11, 16],
+            "rejected_response_mask": [0, 1],
+            "ref_chosen_logp_sums": -3.0,
+            "ref_rejected_logp_sums": -2.0,
+        },
+    ]
+
+
+def test_expected_tensors():
+    batch = DPOCollator(pad_token_id=PAD)(features())
+    expected_input_ids = torch.tensor(
+        [
+            [5, 6, 7, 8, PAD],  # chosen 0, one pad
+            [11, 12, 13, 14, 8],  # chosen 1, the longest row sets T = 5
+            [5, 6, 9, PAD, PAD],  # rejected 0
+            [11, 16, PAD, PAD, PAD],  # rejected 1
+        ]
+    )
+    expected_attention_mask = torch.tensor(
+        [
+            [1, 1, 1, 1, 0],  # chosen 0: 4 real tokens; its real token 8 == PAD is attended
+            [1, 1, 1, 1, 1],  # chosen 1
+            [1, 1, 1, 0, 0],  # rejected 0
+            [1, 1, 0, 0, 0],  # rejected 1
+        ]
+    )
+    expected_response_mask = torch.tensor(
+        [
+            [0, 1, 1, 0, 0],  # chosen 0: logits at 1 and 2 predict the answer tokens 7, 8 at 2 and 3
+            [1, 1, 1, 1, 0],  # chosen 1: logits at 0..3 predict 12, 13, 14, 8 (the final 8 is scored, not padding)
+            [0, 1, 0, 0, 0],  # rejected 0: logits at 1 predict 9
+            [1, 0, 0, 0, 0],  # rejected 1: logits at 0 predict 16
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(batch["input_ids"], expected_input_ids)
+    assert torch.equal(batch["attention_mask"], expected_attention_mask)
+    assert torch.equal(batch["response_mask"], expected_response_mask)
+    assert batch["chosen_lengths"].tolist() == [2, 4]
+    assert batch["rejected_lengths"].tolist() == [1, 1]
+    assert batch["row_ids"].tolist() == [3, 7]
+    assert batch["ref_chosen_logp_sums"].dtype == torch.float32
+    assert batch["ref_chosen_logp_sums"].tolist() == [-1.5, -3.0]
+    assert batch["ref_rejected_logp_sums"].tolist() == [-0.25, -2.0]
+    assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long
+
+
+def test_no_labels_key():
+    """Trainer would treat a `labels` batch as token-normalized and rescale accumulated losses."""
+    batch = DPOCollator(pad_token_id=PAD)(features())
+    assert "labels" not in batch
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "response_mask",
+        "chosen_lengths",
+        "rejected_lengths",
+        "row_ids",
+        "ref_chosen_logp_sums",
+        "ref_rejected_logp_sums",
+    }
+
+
+def test_pad_to_multiple_of():
+    """T = 5 rounds up to 8: three more pad columns, masks zero there; T = 8 stays 8."""
+    plain = DPOCollator(pad_token_id=PAD)(features())
+    batch = DPOCollator(pad_token_id=PAD, pad_to_multiple_of=8)(features())
+    assert batch["input_ids"].shape == (4, 8)
+    assert torch.equal(batch["input_ids"][:, :5], plain["input_ids"])
+    assert (batch["input_ids"][:, 5:] == PAD).all()
+    assert torch.equal(batch["attention_mask"][:, :5], plain["attention_mask"])
+    assert batch["attention_mask"][:, 5:].sum().item() == 0
+    assert torch.equal(batch["response_mask"][:, :5], plain["response_mask"])
+    assert batch["response_mask"][:, 5:].sum().item() == 0
+    assert batch["chosen_lengths"].tolist() == [2, 4] and batch["rejected_lengths"].tolist() == [1, 1]
+    assert DPOCollator(pad_token_id=PAD, pad_to_multiple_of=5)(features())["input_ids"].shape == (4, 5)
+    assert DPOCollator(pad_token_id=PAD, pad_to_multiple_of=3)(features())["input_ids"].shape == (4, 6)
+
+
+def test_without_optional_columns():
+    """Features without row_id or cached reference sums give a batch without those keys."""
+    bare = [{k: v for k, v in f.items() if k.endswith(("input_ids", "response_mask"))} for f in features()]
+    batch = DPOCollator(pad_token_id=0)(bare)
+    assert set(batch) == {"input_ids", "attention_mask", "response_mask", "chosen_lengths", "rejected_lengths"}
+    assert batch["input_ids"][2].tolist() == [5, 6, 9, 0, 0]
+
+
+def test_mismatched_mask_length_raises():
+    bad = features()
+    bad[1]["rejected_response_mask"] = [0, 1, 1]
+    # Row 3 of the stacked batch is pair 1's rejected side.
+    with pytest.raises(ValueError, match="row 3: input_ids has 2 tokens but its response mask has 3"):
+        DPOCollator(pad_token_id=PAD)(bad)
