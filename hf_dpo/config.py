@@ -12,6 +12,7 @@ from .losses import LOSS_REGISTRY
 REFERENCE_CHOICES = ("auto", "model", "adapter", "none")
 COMPLETION_TURNS_CHOICES = ("last", "all")
 ON_BAD_ROW_CHOICES = ("error", "skip")
+NONFINITE_LOSS_CHOICES = ("error", "skip")
 
 # Per-token log-ratios are about |y| times smaller than summed ones, so the
 # normalized loss needs a larger beta for the same sigmoid slope.
@@ -96,6 +97,18 @@ class DPOConfig(TrainingArguments):
             "choices": list(ON_BAD_ROW_CHOICES),
         },
     )
+    nonfinite_loss: str = field(
+        default="error",
+        metadata={
+            "help": _choices_help(
+                "What a NaN or infinite training loss does: stop with an error naming the rows of the batch, or skip "
+                "that optimizer step (parameters, optimizer state and learning rate untouched) and count it in the "
+                "logs as nonfinite_loss_skipped.",
+                NONFINITE_LOSS_CHOICES,
+            ),
+            "choices": list(NONFINITE_LOSS_CHOICES),
+        },
+    )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off in policy and reference, so that both score alike at step 0."}
     )
@@ -142,3 +155,4 @@ class DPOConfig(TrainingArguments):
 def _check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"--{flag}: got {value!r}; choose one of {', '.join(choices)}")
+        _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)

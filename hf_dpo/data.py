@@ -12,7 +12,11 @@ Every row becomes ``{"row_id", "layout", "prompt", "chosen", "rejected",
 "prompt_text", "chosen_text", "rejected_text"}``: message layouts fill the three
 message lists (``chosen``/``rejected`` hold the single final assistant turn) and
 leave the texts empty; the string layout does the opposite. ``row_id`` is the
-physical line number of a JSONL file (1-based) or the index in a data set.
+physical line number of a JSONL file (1-based) or the index in a data set; when
+a directory holds several files, each file's ids are shifted past the previous
+file's, and :meth:`DataReport.locate` turns an id back into ``(file, line)``.
+
+Every rule (what raises, what is skipped, what is counted) is in docs/data.md.
 """
 
 from __future__ import annotations
@@ -56,11 +60,15 @@ class DataReport:
     """What happened to every row: read, kept, and skipped by reason with example lines."""
 
     sources: list[str] = field(default_factory=list)
+    # Row-id offset of each source (parallel to ``sources``): row_id = offset + line.
+    offsets: list[int] = field(default_factory=list)
     rows_read: int = 0
     rows_kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
     counters: Counter = field(default_factory=Counter)
+    # Up to three example locations for some counters (e.g. special_token_text).
+    counter_examples: dict[str, list[str]] = field(default_factory=dict)
 
     def skip(self, code: str, where: str) -> None:
         self.skipped[code] += 1
@@ -72,25 +80,41 @@ class DataReport:
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def locate(self, row_id: int) -> tuple[str, int]:
+        """``(source, line)`` of a ``row_id``; ``("row", row_id)`` when the sources are unknown."""
+        row_id = int(row_id)
+        for source, offset in reversed(list(zip(self.sources, self.offsets))):
+            if row_id > offset or (offset == 0 and row_id >= 0):
+                return source, row_id - offset
+        return "row", row_id
+
+    def where(self, row_id: int) -> str:
+        """``"file:line"`` of a ``row_id``, for messages."""
+        return "%s:%d" % self.locate(row_id)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "sources": self.sources,
+            "offsets": self.offsets,
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "skipped": dict(self.skipped),
             "skip_examples": self.skip_examples,
             "counters": dict(self.counters),
+            "counter_examples": self.counter_examples,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DataReport":
         return cls(
             sources=list(data.get("sources", [])),
+            offsets=list(data.get("offsets", [])),
             rows_read=data.get("rows_read", 0),
             rows_kept=data.get("rows_kept", 0),
             skipped=Counter(data.get("skipped", {})),
             skip_examples={k: list(v) for k, v in data.get("skip_examples", {}).items()},
             counters=Counter(data.get("counters", {})),
+            counter_examples={k: list(v) for k, v in data.get("counter_examples", {}).items()},
         )
 
 
@@ -157,44 +181,39 @@ def _common_prefix_length(a: list[dict], b: list[dict]) -> int:
     return n
 
 
-def _single_answer(tail: list[dict[str, str]], field_name: str, offset: int) -> list[dict[str, str]]:
-    if not tail:
-        raise DataError("has no answer after the shared turns", field=field_name, code="no_answer")
-    if len(tail) > 1:
+def _check_ends_with_answer(messages: list[dict[str, str]], field_name: str) -> None:
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant":
         raise DataError(
-            f"the turns before the answer differ from the other side's (first difference at {field_name}[{offset}]); "
-            "only the final assistant turn may differ",
-            field=field_name,
-            code="prompt_mismatch",
+            f"the last turn must be the assistant's answer, got {messages[last]['role']!r}",
+            field=f"{field_name}[{last}].role",
+            code="no_answer",
         )
-    if tail[0]["role"] != "assistant":
-        raise DataError(f"expected 'assistant', got {tail[0]['role']!r}", field=f"{field_name}[{offset}].role", code="bad_role")
-    return tail
 
 
 def _split_minimind(row: dict[str, Any]) -> dict[str, Any]:
     chosen = _check_messages(row["chosen"], "chosen")
     rejected = _check_messages(row["rejected"], "rejected")
+    _check_ends_with_answer(chosen, "chosen")
+    _check_ends_with_answer(rejected, "rejected")
     if chosen == rejected:
         raise DataError("chosen and rejected are identical", field="chosen", code="identical_responses")
-    shared = _common_prefix_length(chosen, rejected)
-    if shared < len(chosen) and shared < len(rejected) and chosen[shared]["role"] != rejected[shared]["role"]:
+    # Only the final assistant turn may differ: everything before it is the shared prompt.
+    prompt, other = chosen[:-1], rejected[:-1]
+    if prompt != other:
+        first = _common_prefix_length(prompt, other)
+        if first < min(len(prompt), len(other)):
+            field_name, detail = f"chosen[{first}]", f"differs from rejected[{first}]"
+        else:
+            field_name, detail = "chosen", f"has {len(prompt)} turns before its answer, rejected has {len(other)}"
         raise DataError(
-            f"turns differ before the answer: chosen[{shared}] is {chosen[shared]['role']!r}, "
-            f"rejected[{shared}] is {rejected[shared]['role']!r}",
-            field=f"chosen[{shared}]",
+            f"{detail}; only the final assistant turn may differ between chosen and rejected",
+            field=field_name,
             code="prompt_mismatch",
         )
-    # Only the final assistant turn may differ, so the shared prefix ends right before it.
-    prompt_length = min(shared, len(chosen) - 1, len(rejected) - 1)
-    prompt = chosen[:prompt_length]
     if not prompt:
         raise DataError("no turn before the answer", field="chosen", code="no_prompt")
-    return {
-        "prompt": prompt,
-        "chosen": _single_answer(chosen[prompt_length:], "chosen", prompt_length),
-        "rejected": _single_answer(rejected[prompt_length:], "rejected", prompt_length),
-    }
+    return {"prompt": prompt, "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
 def _split_conversational(row: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +226,7 @@ def _split_conversational(row: dict[str, Any]) -> dict[str, Any]:
         # Some exports repeat the prompt inside chosen/rejected; accept it when it matches exactly.
         offset = len(prompt) if isinstance(value, list) and value[: len(prompt)] == prompt else 0
         answer = _check_messages(value[offset:] if offset else value, side, first_role="assistant")
+        _check_ends_with_answer(answer, side)
         if len(answer) > 1:
             raise DataError(f"expected one assistant turn, got {len(answer)} turns", field=side, code="multi_turn_answer")
         sides[side] = answer
@@ -214,6 +234,14 @@ def _split_conversational(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _split_strings(row: dict[str, Any]) -> dict[str, Any]:
+    for side in ("chosen", "rejected"):
+        if isinstance(row[side], list):
+            raise DataError(
+                f"is a list of messages but 'prompt' is a string; use one layout for all three fields "
+                "(strings, or lists of messages)",
+                field=side,
+                code="mixed_layouts",
+            )
     return {
         "prompt_text": _check_text(row["prompt"], "prompt"),
         "chosen_text": _check_text(row["chosen"], "chosen"),
@@ -227,12 +255,11 @@ def detect_layout(row: Any) -> str:
         raise DataError(f"expected a JSON object, got {_type_name(row)}", code="not_an_object")
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing:
-        keys = ", ".join(sorted(map(str, row))) or "none"
-        raise DataError(
-            f"not a preference row: missing {' and '.join(repr(k) for k in missing)} (keys present: {keys})",
-            field=missing[0],
-            code="missing_field",
-        )
+        # repr() keeps the message printable even for keys with lone surrogates.
+        keys = ", ".join(repr(k) for k in sorted(row)[:8]) or "none"
+        if len(missing) == 2:
+            raise DataError(f"not a preference row: no 'chosen' and no 'rejected' (keys present: {keys})", code="missing_field")
+        raise DataError(f"is missing (keys present: {keys})", field=missing[0], code="missing_field")
     if "prompt" not in row or row["prompt"] is None:
         return "minimind"
     if isinstance(row["prompt"], str):
@@ -283,27 +310,31 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield line_number, json.loads(text)
             except json.JSONDecodeError as err:
-                yield line_number, DataError(f"malformed JSON ({err.msg} at column {err.colno})", code="bad_json")
+                hint = ""
+                if line_number == 1 and text.strip() in ("[", "{"):
+                    hint = "; this looks like a pretty-printed JSON document, not JSON Lines: name it .json, one array of rows"
+                yield line_number, DataError(f"malformed JSON ({err.msg} at column {err.colno}){hint}", code="bad_json")
+            except (ValueError, RecursionError) as err:  # integers over Python's digit limit, absurd nesting
+                yield line_number, DataError(f"malformed JSON ({type(err).__name__}: {str(err)[:80]})", code="bad_json")
 
 
-def _iter_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+def _json_document_rows(path: Path) -> Optional[list]:
+    """The rows of a ``.json`` file holding one array (or ``{"data": [...]}``), else None (read it as JSON Lines)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read as JSON: {err}", source=str(path), code="bad_json") from None
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError(f"expected a JSON array of rows, got {_type_name(data)}", source=str(path), code="bad_json")
-    # A JSON array has no useful physical lines; rows are numbered from 1 in order.
-    yield from enumerate(data, start=1)
+        return data["data"]
+    return data if isinstance(data, list) else None
 
 
 def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "rb") as handle:
-        head = handle.read(64).lstrip(b"\xef\xbb\xbf").lstrip()
-    if path.suffix == ".json" and head.startswith(b"["):
-        return _iter_json_array(path)
+    if path.suffix == ".json":
+        rows = _json_document_rows(path)
+        if rows is not None:
+            # A JSON array has no useful physical lines; rows are numbered from 1 in order.
+            return enumerate(rows, start=1)
     return _iter_jsonl(path)
 
 
@@ -352,9 +383,13 @@ def read_preference_rows(
     report = DataReport()
     rows: list[dict[str, Any]] = []
     family: Optional[tuple[str, str]] = None  # ("messages"|"strings", where it was first seen)
+    offset = 0
     for label, items in _rows_of(source, split):
         report.sources.append(label)
-        for row_id, raw in items:
+        report.offsets.append(offset)
+        last_line = 0
+        for line, raw in items:
+            last_line = line
             report.rows_read += 1
             try:
                 if isinstance(raw, DataError):
@@ -362,25 +397,45 @@ def read_preference_rows(
                 canonical = validate_row(raw)
                 kind = "strings" if canonical["layout"] == "string" else "messages"
                 if family is None:
-                    family = (kind, f"{label}:{row_id}")
+                    family = (kind, f"{label}:{line}")
                 elif kind != family[0]:
                     raise DataError(
                         f"mixed layouts: this row uses {kind} but {family[1]} uses {family[0]}", code="mixed_layouts"
                     )
             except DataError as err:
-                located = err.at(label, row_id)
+                located = err.at(label, line)
                 if on_bad_row == "error" and err.code not in UNTRAINABLE:
                     raise located from None
-                report.skip(err.code, f"{label}:{row_id}")
+                report.skip(err.code, f"{label}:{line}")
                 logger.debug("skipped %s", located)
                 continue
-            canonical["row_id"] = row_id
+            if _extra_message_keys(raw):
+                report.counters["ignored_message_keys"] += 1
+            canonical["row_id"] = offset + line
             rows.append(canonical)
+        # Ids stay unique across the files of a directory: the next file starts past this one's last line.
+        offset += last_line
     report.rows_kept = len(rows)
     if not rows:
-        reasons = ", ".join(f"{code} x{n}" for code, n in report.skipped.items()) or "the source has no rows"
-        raise DataError(f"no valid preference rows ({report.rows_read} read; {reasons})", source=", ".join(report.sources), code="empty_source")
+        raise DataError(_nothing_kept(report), source=", ".join(report.sources), code="empty_source")
     return rows, report
+
+
+def _nothing_kept(report: DataReport) -> str:
+    if not report.rows_read:
+        return "no rows: the source is empty (blank lines only, or no lines at all)"
+    reasons = "; ".join(f"{code} x{n} (e.g. {', '.join(report.skip_examples[code])})" for code, n in report.skipped.items())
+    return f"no valid preference rows: all {report.rows_read} rows were skipped: {reasons}"
+
+
+def _extra_message_keys(raw: dict[str, Any]) -> set[str]:
+    """Message keys other than role and content (e.g. ``name``, ``tool_calls``); they are not rendered."""
+    keys: set[str] = set()
+    for side in ("prompt", "chosen", "rejected"):
+        if isinstance(raw.get(side), list):
+            for message in raw[side]:
+                keys.update(k for k in message if k not in ("role", "content"))
+    return keys
 
 
 REPORT_MARKER = "hf_dpo.data_report="
@@ -422,6 +477,53 @@ def data_report(dataset: datasets.Dataset) -> Optional[DataReport]:
     if not description.startswith(REPORT_MARKER):
         return None
     return DataReport.from_dict(json.loads(description[len(REPORT_MARKER) :]))
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into special tokens (``<|im_end|>``, ``</s>``, ...), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token))
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def count_special_token_text(dataset: datasets.Dataset, tokenizer, report: DataReport) -> int:
+    """Count the rows whose content spells a special token, e.g. a literal ``<|im_end|>`` in an answer.
+
+    Policy (docs/data.md): such rows are kept. The tokenizer turns the text into
+    the special token, exactly as it does at inference when a chat template
+    renders the conversation, and the response mask is positional (every token
+    after the prompt's tokens), so a marker inside an answer stays inside the
+    scored span. The count goes to ``report.counters["special_token_text"]``,
+    up to three example locations to ``report.counter_examples``, and one warning
+    is logged. Returns the count.
+    """
+    specials = special_token_strings(tokenizer)
+    if not specials:
+        return 0
+    found, examples = 0, []
+    columns = [c for c in ("prompt", "chosen", "rejected", "prompt_text", "chosen_text", "rejected_text") if c in dataset.column_names]
+    for batch in dataset.select_columns(["row_id", *columns]).iter(batch_size=1024):
+        for i, row_id in enumerate(batch["row_id"]):
+            texts = [batch[c][i] or "" for c in columns if c.endswith("_text")]
+            texts += [m["content"] or "" for c in columns if not c.endswith("_text") for m in batch[c][i] or []]
+            hit = next((t for t in specials if any(t in text for text in texts)), None)
+            if hit is None:
+                continue
+            found += 1
+            if len(examples) < EXAMPLE_LINES:
+                examples.append(f"{report.where(row_id)} {hit}")
+    if found:
+        report.counters["special_token_text"] += found
+        report.counter_examples["special_token_text"] = examples
+        logger.warning(
+            "%d rows contain the text of a special token (e.g. %s); it is tokenized as that token and, inside an "
+            "answer, scored as part of the answer (docs/data.md)",
+            found,
+            ", ".join(examples),
+        )
+    return found
 
 
 def is_canonical(dataset: datasets.Dataset) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import datasets
 
-from .data import DataError, DataReport, data_report
+from .data import DataError, DataReport, count_special_token_text, data_report
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +136,16 @@ def tokenize_row(
             out["skip_reason"] = "response_truncated_away" if prompt_ids else "empty_prompt"
         out[f"{side}_input_ids"] = prompt_ids + response
         out[f"{side}_response_mask"] = prompt_mask + [1] * len(response)
+    if not out["skip_reason"] and out["chosen_input_ids"] == out["rejected_input_ids"]:
+        # Truncation cut both answers to the same tokens: like identical answers, only ln 2 and no gradient.
+        out["skip_reason"] = "identical_after_truncation"
     return out
 
 
 def _summarise(stats: datasets.Dataset, report: DataReport) -> None:
     for reason, row_id in zip(stats["skip_reason"], stats["row_id"]):
         if reason:
-            report.skip(reason, f"row {row_id}")
+            report.skip(reason, report.where(row_id))
     report.counters["prompts_truncated"] += sum(stats["prompt_truncated"])
     report.counters["responses_truncated"] += sum(stats["responses_truncated"])
     report.counters["boundary_merges"] += sum(stats["boundary_merges"])
@@ -177,8 +180,9 @@ def tokenize_dataset(
         try:
             return tokenize_row(row, tokenizer, max_length, max_prompt_length, completion_turns)
         except DataError as err:
-            raise err.at("row", row["row_id"]) from None
+            raise err.at(*report.locate(row["row_id"])) from None
 
+    count_special_token_text(dataset, tokenizer, report)
     tokenized = dataset.map(encode, num_proc=num_proc, desc="Tokenizing pairs", remove_columns=[c for c in dataset.column_names if c != "row_id"])
     _summarise(tokenized.select_columns(["skip_reason", "row_id", "prompt_truncated", "responses_truncated", "boundary_merges"]), report)
     kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason", desc="Dropping untrainable pairs")

@@ -17,12 +17,15 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
+from .checkpoints import resolve_resume_checkpoint
 from .collator import DPOCollator
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
+from .guards import install_guards
 from .logprobs import response_logp_sums, sequence_logps
 from .losses import preference_loss, sft_nll
 from .reference import build_reference_model, disable_dropout, is_peft_model, reference_logp_sums, resolve_reference_mode
+from .report import DataReportCallback
 from .tokenization import TOKENIZED_COLUMNS, tokenize_dataset
 
 logger = logging.getLogger(__name__)
@@ -110,8 +113,14 @@ class NormalizedDPOTrainer(Trainer):
         # transformers < 4.58 decides the accumulation scaling from this flag alone.
         self.model_accepts_loss_kwargs = False
         self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.add_callback(DataReportCallback(self))
+        self.guards = install_guards(self)  # non-finite loss, first-step ln 2 check, beta warning
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips partly written checkpoints."""
+        return super().train(resolve_resume_checkpoint(resume_from_checkpoint, self.args), *args, **kwargs)
 
     # ------------------------------------------------------------------ data
 
@@ -192,6 +201,7 @@ class NormalizedDPOTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, metrics = self.pair_losses(model, inputs)
         loss = losses.mean()
+        self.guards.check_loss(model, loss, losses, inputs)
         self._store_metrics(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
 
@@ -220,4 +230,6 @@ class NormalizedDPOTrainer(Trainer):
             if values:
                 logs[prefix + key] = sum(values) / len(values)
         self._metrics[split].clear()
+        if split == "train":
+            logs.update(self.guards.log_entries())
         return super().log(logs, *args, **kwargs)
