@@ -88,7 +88,7 @@ def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str):
         else:
             ids, merged = _response_ids(tokenizer, prompt_text, prompt_ids, full_text)
         responses[side] = ids
-        merges += merged
+        merges = max(merges, int(merged))  # counted per pair, as documented, not per side
     return prompt_ids, prompt_mask, responses, merges
 
 
