@@ -1,0 +1,91 @@
+"""DPOConfig: defaults, validation messages naming flag and value, HfArgumentParser."""
+
+import dataclasses
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_dpo.config import DPOConfig
+from hf_dpo.losses import LOSS_REGISTRY
+
+
+def test_defaults(tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path))
+    assert args.beta == 2.0 and args.beta_is_default
+    assert args.length_normalize is True
+    assert args.remove_unused_columns is False
+    assert (args.loss_type, args.completion_turns, args.reference, args.on_bad_row) == ("sigmoid", "last", "auto", "error")
+    assert (args.max_length, args.max_prompt_length, args.label_smoothing, args.sft_weight) == (1024, 512, 0.0, 0.0)
+
+
+def test_beta_default_follows_length_normalize(tmp_path):
+    """Per-token log-ratios are ~|y| times smaller than summed ones: 2.0 for the mean, 0.1 for the sum."""
+    summed = DPOConfig(output_dir=str(tmp_path), length_normalize=False)
+    assert summed.beta == 0.1 and summed.beta_is_default
+    explicit = DPOConfig(output_dir=str(tmp_path), beta=0.5)
+    assert explicit.beta == 0.5 and not explicit.beta_is_default
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"loss_type": "dpo"}, "--loss_type: got 'dpo'; choose one of sigmoid, robust, ipo, hinge, simpo"),
+        ({"completion_turns": "first"}, "--completion_turns: got 'first'; choose one of last, all"),
+        ({"reference": "frozen"}, "--reference: got 'frozen'; choose one of auto, model, adapter, none"),
+        ({"on_bad_row": "ignore"}, "--on_bad_row: got 'ignore'; choose one of error, skip"),
+        ({"beta": 0.0}, "--beta must be > 0, got 0.0"),
+        ({"beta": -1.5}, "--beta must be > 0, got -1.5"),
+        ({"beta": float("nan")}, "--beta must be > 0, got nan"),
+        ({"label_smoothing": 0.5}, "--label_smoothing must be in [0, 0.5), got 0.5"),
+        ({"label_smoothing": -0.1}, "--label_smoothing must be in [0, 0.5), got -0.1"),
+        ({"sft_weight": -1.0}, "--sft_weight must be >= 0, got -1.0"),
+        ({"max_length": 0}, "--max_length must be a positive integer, got 0"),
+        ({"logprob_chunk_size": 0}, "--logprob_chunk_size must be a positive integer, got 0"),
+        ({"max_prompt_length": 1024}, "--max_prompt_length (1024) must be below --max_length (1024)"),
+        ({"max_prompt_length": 600, "max_length": 512}, "--max_prompt_length (600) must be below --max_length (512)"),
+        ({"reference": "none"}, "--reference none cannot be used with --loss_type sigmoid, which needs a reference"),
+    ],
+)
+def test_bad_values_name_flag_and_value(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        DPOConfig(output_dir=str(tmp_path), **kwargs)
+    assert message in str(info.value)
+
+
+def test_reference_free_loss_accepts_no_reference(tmp_path):
+    args = DPOConfig(output_dir=str(tmp_path), loss_type="simpo", reference="none")
+    assert (args.loss_type, args.reference) == ("simpo", "none")
+
+
+def test_every_dpo_field_has_help():
+    """One description per field, which HfArgumentParser shows."""
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    own = [f for f in dataclasses.fields(DPOConfig) if f.name not in base]
+    assert {"beta", "loss_type", "length_normalize", "completion_turns", "reference", "on_bad_row"} <= {f.name for f in own}
+    for f in own:
+        assert f.metadata.get("help", "").strip(), f.name
+
+
+def test_hf_argument_parser_parses_dpo_flags(tmp_path):
+    parser = HfArgumentParser(DPOConfig)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--loss_type", "ipo", "--beta", "0.5", "--no_length_normalize",
+         "--completion_turns", "all", "--max_length", "64", "--max_prompt_length", "32", "--on_bad_row", "skip"]
+    )
+    assert (args.loss_type, args.beta, args.length_normalize, args.completion_turns) == ("ipo", 0.5, False, "all")
+    assert (args.max_length, args.max_prompt_length, args.on_bad_row, args.beta_is_default) == (64, 32, "skip", False)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--length_normalize", "False"])
+    assert args.beta == 0.1 and args.beta_is_default
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--loss_type", "dpo"])
+
+
+def test_help_shows_loss_choices_from_registry():
+    parser = HfArgumentParser(DPOConfig)
+    action = next(a for a in parser._actions if a.dest == "loss_type")
+    assert list(action.choices) == list(LOSS_REGISTRY)
+    for name, spec in LOSS_REGISTRY.items():
+        assert f"{name}: {spec.description}" in action.help
+    help_text = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "--loss_type {" + ",".join(LOSS_REGISTRY) + "}" in help_text
+    assert "Choices: " + ", ".join(LOSS_REGISTRY) + "." in help_text
