@@ -308,7 +308,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield line_number, json.loads(text)
+                # Without its line end, so that error columns count within this line.
+                yield line_number, json.loads(text.rstrip("\r\n"))
             except json.JSONDecodeError as err:
                 hint = ""
                 if line_number == 1 and text.strip() in ("[", "{"):
