@@ -1,0 +1,356 @@
+"""Train a causal LM with length-normalized DPO (hf_dpo.NormalizedDPOTrainer).
+
+With no arguments it runs the built-in offline demo: a tiny random-init model, a
+tokenizer and a preference data set built locally (hf_dpo.demo), trained for about
+a minute on CPU, with a summary, metrics and a PNG of the curves in outputs/demo.
+
+    python examples/train.py                                   # the demo
+    python examples/train.py config.yaml [--flag value ...]    # a YAML/JSON config; flags override it
+    python examples/train.py --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset trl-lib/ultrafeedback_binarized --eval_dataset_split test --output_dir outputs/qwen
+    accelerate launch --config_file examples/accelerate_configs/ddp.yaml examples/train.py ...
+
+Arguments: the ScriptArguments and ModelArguments below plus every DPOConfig /
+TrainingArguments field (``--help`` lists them all). See docs/usage.md.
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()  # before the heavy imports: the summary reports what the user waited
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset
+from hf_dpo.demo import build_demo
+
+logger = logging.getLogger("train")
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# TrainingArguments defaults for the demo (no --model_name_or_path): sized so that the
+# tiny model learns the task in about a minute on 2 CPU cores. A config file or a
+# flag still overrides each of them.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "output_dir": "outputs/demo",
+    "num_train_epochs": 2,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 5,
+    "logging_steps": 2,
+    "eval_strategy": "steps",
+    "eval_steps": 16,
+    "save_strategy": "no",
+    "report_to": "none",
+    "max_length": 128,
+    "max_prompt_length": 96,
+}
+
+
+@dataclass
+class ScriptArguments:
+    """Where the preference data comes from, and what the script writes besides the model."""
+
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Training pairs: a JSONL/JSON file, a directory of them, or a hub data set name. Default: the built-in demo data."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub --dataset to train on."})
+    eval_dataset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Held-out pairs (file, directory or hub name). Default: --dataset itself when --eval_dataset_split is given."},
+    )
+    eval_dataset_split: Optional[str] = field(
+        default=None, metadata={"help": "Split of the hub evaluation data set, e.g. test."}
+    )
+    eval_split_size: float = field(
+        default=0.0,
+        metadata={"help": "Without an evaluation data set, hold this many training pairs out (a fraction if < 1, a count if >= 1)."},
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N training pairs (quick runs)."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Keep only the first N evaluation pairs."})
+    plot: bool = field(default=True, metadata={"help": "Write training_curves.png next to the outputs (needs matplotlib)."})
+
+
+@dataclass
+class ModelArguments:
+    """The policy, the optional separate reference, and LoRA."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Policy model: hub name or local directory. Default: the tiny demo model (and demo defaults)."}
+    )
+    ref_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Separate frozen reference. Default: a frozen copy of the policy, or the adapter-disabled base with --use_peft."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer, if not the model's own."})
+    torch_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype to load the weights in; auto keeps the checkpoint's.", "choices": list(DTYPES)},
+    )
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    use_peft: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter only; the reference is the base model with the adapter disabled."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout; --disable_dropout (on by default) sets it to 0 anyway."}
+    )
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Module names to adapt, or all-linear (every linear layer except the output head)."},
+    )
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Key/value pairs of a YAML or JSON config file; keys are argument names without ``--``."""
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise SystemExit(f"{path}: expected a mapping of argument names to values, got {type(values).__name__}")
+    return values
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[ScriptArguments, ModelArguments, DPOConfig]:
+    """Parse ``[config file] [--flag value ...]``; precedence: flags > config file > demo defaults > field defaults.
+
+    The demo defaults apply only when no ``model_name_or_path`` is given.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    file_values: dict[str, Any] = {}
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        file_values = read_config_file(argv.pop(0))
+
+    def parse(defaults: dict[str, Any]):
+        parser = HfArgumentParser((ScriptArguments, ModelArguments, DPOConfig))
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise SystemExit(f"config file: unknown argument(s) {', '.join(unknown)}; see --help for the names")
+        # A string default goes through the argument's type like a flag would (YAML reads 1e-3 as a string).
+        parser.set_defaults(**defaults)
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+    script_args, model_args, training_args = parse(file_values)
+    if model_args.model_name_or_path is None:
+        script_args, model_args, training_args = parse({**DEMO_DEFAULTS, **file_values})
+    return script_args, model_args, training_args
+
+
+# ---------------------------------------------------------------------------- data and models
+
+
+def demo_assets(directory: Path, training_args: DPOConfig) -> dict[str, Path]:
+    """Build the demo's tokenizer, model and data once (main process), and return their paths."""
+    directory = directory.resolve()
+    paths = {"tokenizer": directory / "tokenizer", "model": directory / "model", "train": directory / "train.jsonl", "eval": directory / "eval.jsonl"}
+    with training_args.main_process_first(local=False, desc="building the demo assets"):
+        if training_args.process_index == 0:
+            built = build_demo(directory)
+            assert {k: Path(v).resolve() for k, v in built.items()} == paths, built
+    return paths
+
+
+def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Optional[dict[str, Path]]):
+    """The canonical training and evaluation data sets (evaluation may be None)."""
+    source = script_args.dataset or (demo and demo["train"])
+    if source is None:
+        raise SystemExit("--dataset is required with --model_name_or_path")
+    on_bad_row = training_args.on_bad_row
+    train = load_preference_dataset(source, split=script_args.dataset_split, on_bad_row=on_bad_row)
+    evaluation = None
+    if script_args.eval_dataset or script_args.eval_dataset_split:
+        eval_source = script_args.eval_dataset or script_args.dataset
+        evaluation = load_preference_dataset(eval_source, split=script_args.eval_dataset_split, on_bad_row=on_bad_row)
+    elif script_args.eval_split_size > 0:
+        size = script_args.eval_split_size
+        split = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=training_args.seed)
+        train, evaluation = split["train"], split["test"]
+    elif script_args.dataset is None and demo is not None:
+        evaluation = load_preference_dataset(demo["eval"], on_bad_row=on_bad_row)
+    if script_args.max_train_samples is not None:
+        train = train.select(range(min(script_args.max_train_samples, len(train))))
+    if evaluation is not None and script_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def load_tokenizer(model_args: ModelArguments, name: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or name, trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Safe: masks come from the collator's response_mask, never from input_ids != pad_token_id.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, model_args: ModelArguments):
+    kwargs: dict[str, Any] = {"dtype": DTYPES[model_args.torch_dtype], "trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def lora_config(model_args: ModelArguments):
+    from peft import LoraConfig
+
+    targets = model_args.lora_target_modules
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def held_out_numbers(metrics: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+    if not metrics:
+        return None
+    keys = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen", "eval_logps/rejected")
+    return {key[len("eval_") :]: metrics[key] for key in keys if key in metrics}
+
+
+def write_plot(log_history: list[dict], output_dir: Path) -> Optional[Path]:
+    try:
+        from hf_dpo.plotting import plot_training_curves
+
+        return plot_training_curves(log_history, output_dir / "training_curves.png", title=str(output_dir))
+    except ImportError as err:
+        print(f"Skipping the training-curve plot: {err}")
+        return None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    before, after = summary["held_out"]["before"], summary["held_out"]["after"]
+    lines = [f"\n==== hf_dpo: finished in {summary['time_s']:.1f} s ===="]
+    if before and after:
+        lines += [
+            f"held-out pairs:   {summary['held_out']['pairs']}",
+            f"reward accuracy:  {before['rewards/accuracies']:.3f} -> {after['rewards/accuracies']:.3f}"
+            "   (exact ties count 1/2, so no preference = 0.5)",
+            f"reward margin:    {before['rewards/margins']:+.4f} -> {after['rewards/margins']:+.4f}",
+            f"loss:             {before['loss']:.4f} -> {after['loss']:.4f}",
+        ]
+    else:
+        lines.append("no evaluation data: pass --eval_dataset or --eval_split_size for held-out numbers")
+    outputs = summary["outputs"]
+    lines += [f"outputs in {outputs['output_dir']}:", f"  {'adapter' if summary['use_peft'] else 'model'} + tokenizer, all_results.json, summary.json"]
+    if outputs.get("plot"):
+        lines.append(f"  curves: {outputs['plot']}")
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def use_gloo_without_gpus() -> None:
+    """Launched as several processes on a machine without GPUs: run DDP over gloo on CPU.
+
+    Otherwise TrainingArguments finds no GPU and no ``--use_cpu``, sets up no process
+    group, and every process silently trains its own copy on the full data.
+    """
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6 knows every device type
+    has_device = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_device:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    use_gloo_without_gpus()
+    script_args, model_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("hf_dpo").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+    output_dir = Path(training_args.output_dir)
+    demo = None
+    if model_args.model_name_or_path is None or script_args.dataset is None:
+        demo = demo_assets(output_dir / "demo_assets", training_args)
+        logger.info("built-in demo: assets in %s", demo["model"].parent)
+    model_name = model_args.model_name_or_path or str(demo["model"])
+    tokenizer = load_tokenizer(model_args, model_args.tokenizer_name_or_path or (str(demo["tokenizer"]) if model_args.model_name_or_path is None else model_name))
+    train_dataset, eval_dataset = load_data(script_args, training_args, demo)
+
+    model = load_model(model_name, model_args)
+    ref_model = load_model(model_args.ref_model_name_or_path, model_args) if model_args.ref_model_name_or_path else None
+    trainer = NormalizedDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(model_args) if model_args.use_peft else None,
+    )
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    logger.info("reference: %s; trainable parameters: %d of %d", trainer.reference_mode, trainable, total)
+
+    before = trainer.evaluate() if eval_dataset is not None else None
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()  # the adapter alone for a PEFT model; the tokenizer with it
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    after = None
+    if eval_dataset is not None:
+        after = trainer.evaluate()
+        trainer.log_metrics("eval", after)
+        trainer.save_metrics("eval", after)
+
+    summary: dict[str, Any] = {
+        "demo": model_args.model_name_or_path is None,
+        "use_peft": model_args.use_peft,
+        "reference": trainer.reference_mode,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "world_size": training_args.world_size,
+        "global_steps": trainer.state.global_step,
+        "held_out": {"pairs": len(trainer.eval_dataset) if eval_dataset is not None else 0, "before": held_out_numbers(before), "after": held_out_numbers(after)},
+        "outputs": {"output_dir": str(output_dir)},
+    }
+    if trainer.is_world_process_zero():
+        if script_args.plot:
+            # train() starts a fresh TrainerState, so the evaluation before training is not in its log history.
+            history = ([{**before, "step": 0}] if before else []) + trainer.state.log_history
+            plot = write_plot(history, output_dir)
+            summary["outputs"]["plot"] = str(plot) if plot else None
+        summary["time_s"] = time.perf_counter() - START
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

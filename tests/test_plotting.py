@@ -1,0 +1,61 @@
+"""hf_dpo.plotting: series from a Trainer log history, the PNG, and the missing-matplotlib path."""
+
+import math
+import struct
+import sys
+
+import pytest
+
+from hf_dpo.plotting import PANELS, curves_from_log_history, plot_training_curves
+
+# A log history as Trainer writes it: evaluation before training at step 0, training
+# logs every 2 steps, a NaN loss (dropped), an evaluation at step 6, the final summary,
+# and an entry without a step (ignored).
+HISTORY = [
+    {"eval_loss": 0.6931, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.0, "step": 0},
+    {"loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.01, "logps/chosen": -7.0, "logps/rejected": -7.1, "step": 2},
+    {"loss": math.nan, "rewards/accuracies": 0.625, "step": 4},
+    {"loss": 0.5, "rewards/accuracies": 0.75, "rewards/margins": 0.4, "logps/chosen": -6.5, "logps/rejected": -7.4, "step": 6},
+    {"eval_loss": 0.4, "eval_rewards/accuracies": 0.9, "eval_rewards/margins": 0.6, "step": 6},
+    {"train_runtime": 1.0, "train_loss": 0.55, "step": 6},
+    {"loss": 0.3},
+]
+
+
+def test_curves_from_log_history_exact_series():
+    curves = curves_from_log_history(HISTORY, ["loss", "rewards/accuracies", "rewards/margins", "logps/chosen"])
+    assert curves["loss"] == {"train": ([2, 6], [0.69, 0.5]), "eval": ([0, 6], [0.6931, 0.4])}  # NaN at 4 dropped
+    assert curves["rewards/accuracies"] == {"train": ([2, 4, 6], [0.5, 0.625, 0.75]), "eval": ([0, 6], [0.5, 0.9])}
+    assert curves["rewards/margins"] == {"train": ([2, 6], [0.01, 0.4]), "eval": ([0, 6], [0.0, 0.6])}
+    assert curves["logps/chosen"] == {"train": ([2, 6], [-7.0, -6.5])}  # never evaluated: no "eval" series
+
+
+def test_panels_cover_the_issue_metrics():
+    keys = {key for _, _, keys in PANELS for key in keys}
+    assert keys == {"loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_plot_writes_a_png_of_the_figure_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    path = plot_training_curves(HISTORY, tmp_path / "sub" / "curves.png", title="run")
+    assert path == tmp_path / "sub" / "curves.png"
+    assert _png_size(path) == (1000, 700)  # figsize (10, 7) at 100 dpi
+    pixels = imread(path)
+    assert pixels.std() > 0.05  # lines and text were drawn, not a blank canvas
+
+
+def test_plot_without_matplotlib_raises_a_clear_import_error(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot_training_curves(HISTORY, tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
