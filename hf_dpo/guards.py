@@ -1,7 +1,8 @@
 """Numerical guards and start-of-training self-checks for :class:`hf_dpo.NormalizedDPOTrainer`.
 
-* A non-finite training loss raises :class:`NonFiniteLossError` naming the rows
-  of the batch (``nonfinite_loss="error"``), or skips the whole optimizer step
+* A non-finite training loss, or a non-finite gradient behind a finite loss,
+  raises :class:`NonFiniteLossError` naming the rows of the batch
+  (``nonfinite_loss="error"``), or skips the whole optimizer step
   (``nonfinite_loss="skip"``): gradients are dropped before ``optimizer.step``
   so parameters and optimizer state stay bit-identical, the learning-rate
   schedule does not advance, and the count is logged as ``nonfinite_loss_skipped``.
@@ -199,6 +200,7 @@ class TrainingGuards(TrainerCallback):
         self._skip_pending = False
         self._marked_overflow = False
         self._first_step_checked = False
+        self._step_rows: list[int] = []
 
     # -- called from compute_loss
 
@@ -207,13 +209,11 @@ class TrainingGuards(TrainerCallback):
         if not model.training:
             return
         state = self.trainer.state
+        if batch.get("row_ids") is not None:
+            self._step_rows += batch["row_ids"].tolist()
         if not bool(torch.isfinite(loss.detach())):
-            where = self._where()
-            message = nonfinite_loss_message(loss.item(), losses, batch.get("row_ids"), state.global_step + 1, where)
-            if self.mode == "error":
-                raise NonFiniteLossError(message)
-            logger.warning("%s Skipping this optimizer step.", message)
-            self._skip_pending = True
+            message = nonfinite_loss_message(loss.item(), losses, batch.get("row_ids"), state.global_step + 1, self._where())
+            self._fail_or_flag(message)
             self._first_step_checked = True
             return
         if not self._first_step_checked:
@@ -221,9 +221,15 @@ class TrainingGuards(TrainerCallback):
             if state.global_step == 0:
                 self._check_first_step(model, loss.item(), batch)
 
+    def _fail_or_flag(self, message: str) -> None:
+        if self.mode == "error":
+            raise NonFiniteLossError(message)
+        logger.warning("%s Skipping this optimizer step.", message)
+        self._skip_pending = True
+
     def _where(self):
         report = getattr(self.trainer, "data_reports", {}).get("train")
-        return report.where if report is not None else None
+        return report.where if report is not None else (lambda row_id: f"row {row_id}")
 
     def _check_first_step(self, model: nn.Module, loss: float, batch: dict[str, Any]) -> None:
         args = self.trainer.args
@@ -244,17 +250,28 @@ class TrainingGuards(TrainerCallback):
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self._skip_pending = False
+        self._step_rows = []
         if self._marked_overflow and optimizer is not None:
             optimizer._is_overflow = False
             self._marked_overflow = False
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            return
+        # Under fp16 the GradScaler owns overflowing gradients: it skips those steps itself.
+        if not self._skip_pending and getattr(optimizer, "scaler", None) is None and not gradients_finite(optimizer):
+            rows = ", ".join(self._where()(row_id) for row_id in self._step_rows) or "unknown"
+            self._fail_or_flag(
+                f"non-finite gradient at step {state.global_step + 1} although the loss was finite. Rows of this step: "
+                f"{rows}. Likely causes: a learning rate that is too high, or an operation without a safe gradient "
+                "(sqrt or log at 0, torch.where over a NaN branch) in a custom model or loss."
+            )
         if self.mode != "skip":
             return
         skip = self._skip_pending
         accelerator = self.trainer.accelerator
         if accelerator.num_processes > 1:
-            # Gradients are averaged across processes, so one process's NaN is everyone's: skip together.
+            # One process's bad step is everyone's: all of them must skip it together.
             flag = torch.tensor(float(skip), device=accelerator.device)
             skip = bool(accelerator.reduce(flag, reduction="sum") > 0)
         if not skip:
@@ -268,6 +285,14 @@ class TrainingGuards(TrainerCallback):
             # accelerate's flag for a step GradScaler skipped: Trainer and the wrapped scheduler then keep the learning rate.
             optimizer._is_overflow = True
             self._marked_overflow = True
+
+
+def gradients_finite(optimizer) -> bool:
+    """Whether every gradient the optimizer would apply is finite (one fused norm, one host sync)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=2.0)))
 
 
 def _drop_gradients(optimizer) -> None:

@@ -35,6 +35,9 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        # Llama/Qwen2 attention applies dropout from a float attribute, not an nn.Dropout module.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def freeze(model: nn.Module) -> nn.Module:

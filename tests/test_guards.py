@@ -1,0 +1,278 @@
+"""Numerical guards and self-checks: non-finite loss (error / skipped step), fp32 log-probs, zero counts,
+the first-step ln 2 check with its diagnosis, and the beta warning."""
+
+import copy
+import logging
+import math
+
+import datasets
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+from hf_dpo.guards import FIRST_STEP_RTOL, LN2, NonFiniteLossError, beta_warning, initial_loss
+from hf_dpo.logprobs import response_logp_sums, sequence_logps
+from hf_dpo.losses import sft_nll
+
+datasets.disable_progress_bars()
+POISONED_ROW = 2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("chatml")
+
+
+def tiny_model(tokenizer, seed=0):
+    return build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=seed)
+
+
+def config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-2,
+    )
+    values.update(overrides)
+    return DPOConfig(**values)
+
+
+class PoisonedTrainer(NormalizedDPOTrainer):
+    """Makes the policy's log-prob sums of row ``POISONED_ROW`` NaN through the scoring seam (the reference stays clean)."""
+
+    def score(self, model, batch):
+        sums, counts = super().score(model, batch)
+        if model.training:
+            poisoned = (batch["row_ids"] == POISONED_ROW).repeat(2)  # (2B,): the row's chosen and rejected
+            # Added, not selected with torch.where: a NaN branch would leak NaN gradients into every row.
+            sums = sums + torch.where(poisoned, float("nan"), 0.0)
+        return sums, counts
+
+
+# --------------------------------------------------------------------------- non-finite loss
+
+
+def test_nonfinite_loss_raises_naming_the_rows_of_the_batch(tmp_path, tokenizer):
+    rows = make_preference_rows(4, seed=0)
+    trainer = PoisonedTrainer(model=tiny_model(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=rows, processing_class=tokenizer)
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    step = trainer.state.global_step + 1
+    assert message.startswith(f"non-finite training loss (nan) at step {step}. Non-finite pairs: <rows>:{POISONED_ROW}. Rows in the batch: ")
+    batch_rows = message.split("Rows in the batch: ")[1].split(". ")[0].split(", ")
+    assert len(batch_rows) == 2 and f"<rows>:{POISONED_ROW}" in batch_rows
+    assert "set nonfinite_loss='skip'" in message
+
+
+def test_skipped_step_leaves_parameters_optimizer_and_learning_rate_bit_identical(tmp_path, tokenizer):
+    """4 rows, batch 2, 4 steps = 2 epochs: the batch holding row 2 comes once per epoch, so 2 steps are skipped.
+
+    Weight decay 0.1 and AdamW momentum would both move the parameters on a step
+    with a zeroed gradient, so equality here means the update really did not happen.
+    """
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+            adam_steps = sorted({float(s["step"]) for s in optimizer.state.values()}) if optimizer.state else []
+            snapshots.append((
+                trainer.guards.skipped_steps,
+                {n: p.detach().clone() for n, p in model.named_parameters()},
+                adam_steps,
+                lr_scheduler.get_last_lr()[0],
+            ))
+
+    args = config(tmp_path, max_steps=4, nonfinite_loss="skip", weight_decay=0.1, lr_scheduler_type="linear", seed=3)
+    trainer = PoisonedTrainer(model=tiny_model(tokenizer), args=args, train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer)
+    trainer.add_callback(Snapshot())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    counts = [snapshot[0] for snapshot in snapshots]
+    skipped = [now > before_ for now, before_ in zip(counts, [0] + counts[:-1])]
+    assert skipped.count(True) == 2
+    previous_params, previous_adam, previous_lr = before, [], 1e-2
+    for was_skipped, (_, params, adam_steps, lr) in zip(skipped, snapshots):
+        assert all(torch.equal(params[n], previous_params[n]) for n in params) == was_skipped
+        if was_skipped:
+            assert (adam_steps, lr) == (previous_adam, previous_lr)
+        previous_params, previous_adam, previous_lr = params, adam_steps, lr
+    assert snapshots[-1][2] == [2.0]  # AdamW counted only the 2 real updates
+    logged = [entry["nonfinite_loss_skipped"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == sorted(logged) and logged[-1] == 2.0 and len(logged) == 4
+
+
+def test_nan_gradient_behind_a_finite_loss_never_reaches_the_weights(tmp_path, tokenizer):
+    """A hook turns the second backward's lm_head gradient into NaN while every loss stays finite."""
+    model = tiny_model(tokenizer)
+    backward_calls = []
+
+    def poison(grad):
+        backward_calls.append(1)
+        return grad * float("nan") if len(backward_calls) == 2 else grad
+
+    model.lm_head.weight.register_hook(poison)
+    trainer = NormalizedDPOTrainer(model=model, args=config(tmp_path, max_steps=3), train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer)
+    with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient at step 2 although the loss was finite\. Rows of this step: <rows>:\d, <rows>:\d\. "):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    backward_calls.clear()
+    after_first = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                after_first.update({n: p.detach().clone() for n, p in model.named_parameters()})
+            if state.global_step == 2:
+                assert all(torch.equal(p, after_first[n]) for n, p in model.named_parameters())
+
+    trainer = NormalizedDPOTrainer(model=tiny_model(tokenizer), args=config(tmp_path, max_steps=3, nonfinite_loss="skip"), train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer)
+    trainer.model.lm_head.weight.register_hook(poison)
+    trainer.add_callback(Record())
+    trainer.train()
+    assert trainer.guards.skipped_steps == 1 and after_first
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_config_rejects_an_unknown_nonfinite_policy(tmp_path):
+    with pytest.raises(ValueError, match=r"^--nonfinite_loss: got 'ignore'; choose one of error, skip$"):
+        config(tmp_path, nonfinite_loss="ignore")
+
+
+# --------------------------------------------------------------------------- precision and counts
+
+
+def test_log_probs_of_half_precision_logits_are_computed_in_fp32():
+    """Log-probs of fp16 logits are computed and summed in fp32.
+
+    Expected values: the float64 log-softmax of the very same fp16 numbers (logits near
+    1000, where fp16 values are 0.5 apart); an fp16 result could not come within 1e-4.
+    """
+    torch.manual_seed(0)
+    logits = (1000 + 3 * torch.randn(2, 4, 50)).half()  # (N, T, V)
+    input_ids = torch.randint(0, 50, (2, 4))
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    sums, counts = response_logp_sums(logits, input_ids, mask)
+    exact = torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
+    expected = (exact * mask[:, :-1]).sum(-1)
+    assert sums.dtype == torch.float32 and counts.tolist() == [3, 2]
+    assert torch.allclose(sums.double(), expected, atol=1e-4)
+    # The tolerance is meaningful: merely rounding the exact sums to fp16 misses it.
+    assert (expected.half().double() - expected).abs().max() > 1e-3
+
+
+def test_zero_token_counts_never_reach_a_division():
+    sums, counts = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([3, 0, 2])
+    with pytest.raises(ValueError, match=r"^sequences \[1\] of the batch have no response token; cannot take a per-token mean$"):
+        sequence_logps(sums, counts, length_normalize=True)
+    assert sequence_logps(sums, counts, length_normalize=False).tolist() == [-3.0, -1.0, -2.0]
+    assert sft_nll(sums, counts).tolist() == [1.0, 1.0, 1.0]  # -(-1) / max(0, 1): finite
+
+
+# --------------------------------------------------------------------------- first-step self-check
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({}, LN2),
+        ({"loss_type": "robust", "label_smoothing": 0.2}, LN2),
+        ({"loss_type": "sigmoid", "label_smoothing": 0.1}, LN2),
+        ({"loss_type": "ipo", "beta": 0.5}, 1.0),  # (0 - 1 / (2 * 0.5))^2
+        ({"loss_type": "hinge"}, 1.0),  # relu(1 - 0)
+        ({"loss_type": "simpo"}, None),  # reference-free: nothing to compare
+        ({"sft_weight": 0.5}, None),  # the SFT term depends on the data
+    ],
+)
+def test_initial_loss_is_the_loss_at_zero_log_ratio(tmp_path, overrides, expected):
+    value = initial_loss(config(tmp_path, **overrides))
+    assert value == (None if expected is None else pytest.approx(expected, abs=1e-12))
+
+
+def first_step_records(tmp_path, tokenizer, caplog, model, ref_model=None, **overrides):
+    trainer = NormalizedDPOTrainer(
+        model=model, ref_model=ref_model, args=config(tmp_path, **overrides), train_dataset=make_preference_rows(2, seed=1), processing_class=tokenizer
+    )
+    with caplog.at_level(logging.INFO, logger="hf_dpo.guards"):
+        trainer.train()
+    return [r for r in caplog.records if r.name == "hf_dpo.guards"], trainer
+
+
+def test_first_step_passes_silently_when_the_reference_is_the_policy(tmp_path, tokenizer, caplog):
+    records, trainer = first_step_records(tmp_path, tokenizer, caplog, tiny_model(tokenizer))
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert records[0].getMessage() == "self-check passed: first-step loss 0.693147 equals the loss at zero log-ratio 0.693147"
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+
+
+def test_first_step_warns_about_a_wrong_reference(tmp_path, tokenizer, caplog):
+    policy, reference = tiny_model(tokenizer), tiny_model(tokenizer, seed=7)
+    pairs = list(zip(policy.parameters(), reference.parameters()))
+    differing = sum(not torch.equal(p, r) for p, r in pairs)  # the norm weights start at 1 in both
+    records, trainer = first_step_records(tmp_path, tokenizer, caplog, policy, ref_model=reference)
+    warning = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    loss = trainer.state.log_history[0]["loss"]
+    assert not math.isclose(loss, LN2, rel_tol=FIRST_STEP_RTOL)
+    assert len(warning) == 1
+    assert warning[0].startswith(
+        f"SELF-CHECK FAILED at the first training step: the loss is {loss:.4f}, but a policy identical to its reference "
+        "gives ln 2 = 0.6931 (sigmoid loss, tolerance 0.1%)."
+    )
+    assert 0 < differing < len(pairs)
+    assert f"(1) the reference's weights differ from the policy's in {differing} of {len(pairs)} tensors (e.g. model.embed_tokens.weight)" in warning[0]
+
+
+def test_first_step_names_a_reference_in_another_dtype(tmp_path, tokenizer, caplog):
+    """Sharp logits (lm_head scaled up, as in a trained model) make bf16 rounding visible in the log-probs."""
+    policy = tiny_model(tokenizer)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(30)
+    reference = copy.deepcopy(policy).to(torch.bfloat16)
+    records, _ = first_step_records(tmp_path, tokenizer, caplog, policy, ref_model=reference)
+    warning = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert "(1) the policy runs in torch.float32 but the reference in torch.bfloat16: load both in the same dtype;" in warning[0]
+
+
+def with_attention_dropout(model, p):
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+    return model
+
+
+def test_first_step_names_live_dropout_and_disable_dropout_turns_attention_dropout_off(tmp_path, tokenizer, caplog):
+    records, _ = first_step_records(tmp_path, tokenizer, caplog, with_attention_dropout(tiny_model(tokenizer), 0.5), disable_dropout=False, beta=10.0)
+    warning = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert "(1) dropout is on in the policy (model.layers.0.self_attn.attention_dropout=0.5) but not in the reference" in warning[0]
+    caplog.clear()
+    records, _ = first_step_records(tmp_path, tokenizer, caplog, with_attention_dropout(tiny_model(tokenizer), 0.5), disable_dropout=True, beta=10.0)
+    assert [r.levelno for r in records] == [logging.INFO]
+
+
+# --------------------------------------------------------------------------- beta
+
+
+def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
+    """A default beta left over from summed log-probs warns; an explicit one is kept and only noted."""
+    carried = config(tmp_path, length_normalize=False)  # default beta 0.1 for sums ...
+    carried.length_normalize = True  # ... then normalization switched on afterwards
+    level, message = beta_warning(carried)
+    assert level == logging.WARNING
+    assert message == (
+        "beta=0.1 with length_normalize=True: per-token log-ratios are about |y| times smaller than summed ones, so a "
+        "beta below 1 leaves the sigmoid nearly flat and the policy barely moves; practitioners use beta of about 2 to "
+        "10 with length normalization; set beta explicitly (e.g. beta=2.0) to choose it"
+    )
+    assert beta_warning(config(tmp_path, beta=0.1))[0] == logging.INFO
+    assert beta_warning(config(tmp_path)) is None  # default 2.0
+    assert beta_warning(config(tmp_path, beta=0.1, length_normalize=False)) is None
+
+    with caplog.at_level(logging.INFO, logger="hf_dpo.guards"):
+        NormalizedDPOTrainer(model=tiny_model(tokenizer), args=carried, train_dataset=make_preference_rows(2, seed=1), processing_class=tokenizer)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_dpo.guards" and r.levelno == logging.WARNING]
+    assert warnings == [message]  # once, at construction
