@@ -28,16 +28,26 @@ OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 
 
 def _safetensors_problem(path: Path) -> Optional[str]:
-    """Why a ``.safetensors`` file is unreadable (truncated, bad header), or None."""
-    try:
-        with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
+    """Why a ``.safetensors`` file is unreadable (cut short, or a header that does not parse), or None.
+
+    The format is an 8-byte little-endian header size, a JSON header whose
+    ``data_offsets`` give every tensor's byte range, then the data.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        (header_size,) = struct.unpack("<Q", head)
+        if size < 8 + header_size:
+            return f"{path.name} is truncated ({size} of at least {8 + header_size} bytes)"
+        try:
             header = json.loads(handle.read(header_size))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError, IndexError, MemoryError, OverflowError):
-        return f"{path.name} has an unreadable header"
-    if path.stat().st_size < 8 + header_size + end:
-        return f"{path.name} is truncated ({path.stat().st_size} of {8 + header_size + end} bytes)"
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path.name} has an unreadable header"
+    if size < 8 + header_size + end:
+        return f"{path.name} is truncated ({size} of {8 + header_size + end} bytes)"
     return None
 
 
