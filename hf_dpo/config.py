@@ -119,6 +119,46 @@ class DPOConfig(TrainingArguments):
         default=None, metadata={"help": "Pad each batch's length to a multiple of this (e.g. 8 for tensor cores)."}
     )
     dataset_num_proc: Optional[int] = field(default=None, metadata={"help": "Processes for tokenizing the data set."})
+    # Speed paths (docs/performance.md); each one is checked against the plain path by an equivalence test.
+    response_only_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Project only the last hidden states that predict scored tokens through the output embedding, in "
+            "chunks recomputed in backward instead of stored logits. Models whose logits are not a plain projection "
+            "(soft-capping, logit scaling, PEFT or quantized heads, sharded weights) are detected and use their full logits."
+        },
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack each batch's 2B sequences into one row without padding; positions restart per sequence and "
+            "attention never crosses sequences (sdpa/eager: an explicit mask; flash attention: from position_ids)."
+        },
+    )
+    share_prompt: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute each pair's prompt once: lay out [prompt | chosen | rejected], the rejected tokens "
+            "attending to the prompt but not to the chosen ones (needs attn_implementation sdpa or eager)."
+        },
+    )
+    precompute_ref_logps: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the train and eval sets with the reference once before training (cached on disk, keyed by "
+            "data, reference weights, tokenizer and truncation settings), then release the reference model."
+        },
+    )
+    precompute_ref_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Pairs per batch when precomputing reference log-probs (default: per_device_eval_batch_size)."}
+    )
+    ref_logps_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Directory of the precomputed reference log-probs cache (default: $HF_DPO_CACHE/ref_logps, "
+            "HF_DPO_CACHE defaulting to ~/.cache/hf_dpo); an empty string turns the disk cache off."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: the DPO collator needs the tokenized pair columns, which the model's forward does not name."},
@@ -138,7 +178,7 @@ class DPOConfig(TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
-        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size"):
+        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size", "precompute_ref_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -149,6 +189,11 @@ class DPOConfig(TrainingArguments):
             )
         if self.reference == "none" and LOSS_REGISTRY[self.loss_type].needs_reference:
             raise ValueError(f"--reference none cannot be used with --loss_type {self.loss_type}, which needs a reference")
+        if self.precompute_ref_logps and (self.reference == "none" or not LOSS_REGISTRY[self.loss_type].needs_reference):
+            raise ValueError(
+                f"--precompute_ref_logps has no reference to precompute with --reference {self.reference} "
+                f"and --loss_type {self.loss_type}"
+            )
         super().__post_init__()
 
 

@@ -105,6 +105,12 @@ def reference_logp_sums(
         return torch.cat([batch[CACHED_SUM_KEYS[0]], batch[CACHED_SUM_KEYS[1]]])
     if mode == "none":
         return None
+    if mode == "model" and ref_model is None:
+        raise ValueError(
+            "the batch has no cached reference sums (ref_chosen_logp_sums, ref_rejected_logp_sums) and the reference "
+            "model was released after --precompute_ref_logps; pass data sets to the trainer's constructor so that "
+            "their reference log-probs are precomputed too"
+        )
     with torch.no_grad():
         if mode == "adapter":
             with adapter_disabled(policy):

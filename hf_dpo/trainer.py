@@ -18,14 +18,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
 from .checkpoints import resolve_resume_checkpoint
-from .collator import DPOCollator
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
 from .guards import install_guards
-from .logprobs import response_logp_sums, sequence_logps
+from .logprobs import sequence_logps
 from .losses import preference_loss, sft_nll
 from .reference import build_reference_model, disable_dropout, is_peft_model, reference_logp_sums, resolve_reference_mode
+from .packing import build_collator
+from .ref_cache import precompute_reference
 from .report import DataReportCallback
+from .sampling import add_length_column, wants_length_grouping
+from .scoring import check_layout_support, score_batch
 from .tokenization import TOKENIZED_COLUMNS, tokenize_dataset
 
 logger = logging.getLogger(__name__)
@@ -87,13 +90,14 @@ class NormalizedDPOTrainer(Trainer):
             disable_dropout(model)
         self.reference_mode = resolve_reference_mode(model, ref_model, args.reference, args.loss_type)
         self.ref_model = build_reference_model(model, ref_model, self.reference_mode)
+        check_layout_support(model, args.share_prompt)
 
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         if data_collator is None:
             if tokenizer is None:
                 raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            data_collator = DPOCollator(pad_token_id=pad_id, pad_to_multiple_of=args.pad_to_multiple_of)
+            data_collator = build_collator(pad_id, args)  # DPOCollator unless padding_free / share_prompt
         self.data_reports = {}
         train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):
@@ -117,6 +121,10 @@ class NormalizedDPOTrainer(Trainer):
         self.guards = install_guards(self)  # non-finite loss, first-step ln 2 check, beta warning
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+        if wants_length_grouping(args):
+            self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, args.share_prompt)
+        if args.precompute_ref_logps:
+            precompute_reference(self)  # adds ref_*_logp_sums columns, releases self.ref_model
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips partly written checkpoints."""
@@ -161,8 +169,7 @@ class NormalizedDPOTrainer(Trainer):
 
         The seam where faster scoring paths plug in; policy and reference share it.
         """
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return response_logp_sums(outputs.logits, batch["input_ids"], batch["response_mask"], self.args.logprob_chunk_size)
+        return score_batch(model, batch, self.args.logprob_chunk_size, self.args.response_only_logits)
 
     def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses ``(B,)`` and the batch's metrics (scalars) for ``batch``."""
