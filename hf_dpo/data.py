@@ -80,6 +80,10 @@ class DataReport:
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def describe_skips(self) -> str:
+        """``"code xN (e.g. file:line, ...); ..."`` for every skip reason, for messages."""
+        return "; ".join(f"{code} x{n} (e.g. {', '.join(self.skip_examples.get(code, []))})" for code, n in self.skipped.items())
+
     def locate(self, row_id: int) -> tuple[str, int]:
         """``(source, line)`` of a ``row_id``; ``("row", row_id)`` when the sources are unknown."""
         row_id = int(row_id)
@@ -425,8 +429,7 @@ def read_preference_rows(
 def _nothing_kept(report: DataReport) -> str:
     if not report.rows_read:
         return "no rows: the source is empty (blank lines only, or no lines at all)"
-    reasons = "; ".join(f"{code} x{n} (e.g. {', '.join(report.skip_examples[code])})" for code, n in report.skipped.items())
-    return f"no valid preference rows: all {report.rows_read} rows were skipped: {reasons}"
+    return f"no valid preference rows: all {report.rows_read} rows were skipped: {report.describe_skips()}"
 
 
 def _extra_message_keys(raw: dict[str, Any]) -> set[str]:

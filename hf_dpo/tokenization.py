@@ -188,7 +188,7 @@ def tokenize_dataset(
     kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason", desc="Dropping untrainable pairs")
     report.counters["pairs_tokenized"] += len(kept)
     if len(kept) == 0:
-        raise DataError(f"no pair survived tokenization (skipped: {dict(report.skipped)})", code="empty_source")
+        raise DataError(f"no pair survived tokenization; skipped: {report.describe_skips()}", source=", ".join(report.sources), code="empty_source")
     _log_lengths(kept, report)
     return kept.remove_columns([c for c in STAT_COLUMNS if c not in ("prompt_tokens", "chosen_tokens", "rejected_tokens")]), report
 
