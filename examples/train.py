@@ -46,7 +46,7 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 # flag still overrides each of them.
 DEMO_DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/demo",
-    "num_train_epochs": 2,
+    "num_train_epochs": 1,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 64,
     "learning_rate": 1e-3,
@@ -54,9 +54,11 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 5,
     "logging_steps": 2,
     "eval_strategy": "steps",
-    "eval_steps": 16,
+    "eval_steps": 8,
     "save_strategy": "no",
     "report_to": "none",
+    "dataloader_pin_memory": False,  # CPU-sized batches; avoids torch's warning on machines without a GPU
+    "ddp_find_unused_parameters": False,  # every parameter takes part in the forward pass
     "max_length": 128,
     "max_prompt_length": 96,
 }
@@ -283,9 +285,22 @@ def use_gloo_without_gpus() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
+def check_zero3(model_args: ModelArguments, training_args: DPOConfig) -> None:
+    """Refuse ZeRO-3 with a separate reference: its weights would be partitioned but never gathered."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    needs_reference = training_args.reference != "none" and training_args.loss_type != "simpo"
+    if is_deepspeed_zero3_enabled() and needs_reference and not model_args.use_peft:
+        raise SystemExit(
+            "DeepSpeed ZeRO-3 needs --use_peft true (the reference is then the policy with its adapter disabled, "
+            "inside the DeepSpeed engine) or a reference-free loss (--loss_type simpo); see docs/distributed.md"
+        )
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     use_gloo_without_gpus()
     script_args, model_args, training_args = parse_args(argv)
+    check_zero3(model_args, training_args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
