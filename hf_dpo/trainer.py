@@ -116,7 +116,8 @@ class NormalizedDPOTrainer(Trainer):
         )
         # transformers < 4.58 decides the accumulation scaling from this flag alone.
         self.model_accepts_loss_kwargs = False
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # split -> metric -> [(sum over the step's pairs, pair count)], so log() weights every pair equally.
+        self._metrics: dict[str, defaultdict[str, list[tuple[float, float]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.add_callback(DataReportCallback(self))
         self.guards = install_guards(self)  # non-finite loss, first-step ln 2 check, beta warning
         if self.ref_model is not None:
@@ -209,33 +210,35 @@ class NormalizedDPOTrainer(Trainer):
         losses, metrics = self.pair_losses(model, inputs)
         loss = losses.mean()
         self.guards.check_loss(model, loss, losses, inputs)
-        self._store_metrics(metrics, "train" if model.training else "eval")
+        self._store_metrics(metrics, "train" if model.training else "eval", losses.shape[0])
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             losses, metrics = self.pair_losses(model, inputs)
-        self._store_metrics(metrics, "eval")
+        self._store_metrics(metrics, "eval", losses.shape[0])
         # The DPO metrics are logged through log(); there are no logits to hand to compute_metrics.
         return losses.mean().detach(), None, None
 
     # ------------------------------------------------------------------ metrics
 
-    def _store_metrics(self, metrics: dict[str, torch.Tensor], split: str) -> None:
-        # One collective per step: stack, gather across processes, average.
-        stacked = torch.stack([value.detach().float() for value in metrics.values()])  # (K,)
-        gathered = self.accelerator.gather_for_metrics(stacked[None]).mean(0)  # (K,)
-        for key, value in zip(metrics, gathered.tolist()):
-            self._metrics[split][key].append(value)
+    def _store_metrics(self, metrics: dict[str, torch.Tensor], split: str, n_pairs: int) -> None:
+        # One collective per step: the batch means times the pair count, and the count, summed over processes.
+        # Weighting by pairs keeps a partial last batch from counting as much as a full one, as in eval_loss.
+        means = torch.stack([value.detach().float() for value in metrics.values()])  # (K,)
+        weighted = torch.cat([means * n_pairs, means.new_tensor([n_pairs])])  # (K + 1,)
+        *sums, count = self.accelerator.gather_for_metrics(weighted[None]).sum(0).tolist()
+        for key, value in zip(metrics, sums):
+            self._metrics[split][key].append((value, count))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the DPO metrics averaged over the logging interval (``eval_`` prefixed in evaluation)."""
+        """Add the DPO metrics averaged over the logging interval, every pair weighing the same (``eval_`` prefixed in evaluation)."""
         split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if split == "eval" else ""
-        for key, values in self._metrics[split].items():
-            if values:
-                logs[prefix + key] = sum(values) / len(values)
+        for key, records in self._metrics[split].items():
+            if records:
+                logs[prefix + key] = sum(value for value, _ in records) / sum(count for _, count in records)
         self._metrics[split].clear()
         if split == "train":
             logs.update(self.guards.log_entries())

@@ -450,3 +450,39 @@ def test_string_layout_rows_train(tokenizer, tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     losses, _ = trainer.pair_losses(trainer.model, batch)
     assert (losses - LN2).abs().max().item() < 1e-6
+
+
+def test_eval_metrics_weight_every_pair_equally(tokenizer, rows, tmp_path):
+    """12 held-out pairs in eval batches of 8 and 4: eval metrics are means over the 12 pairs, like eval_loss.
+
+    A mean of the two batch means would weight the last 4 pairs twice as much as the first 8.
+    The policy and the reference are different random models, so rewards are far from 0.
+    """
+    model = build_model(tokenizer, hidden_size=32, num_layers=2)
+    ref = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
+    args = make_args(tmp_path, per_device_eval_batch_size=8, length_normalize=False)
+    trainer = SequentialTrainer(model=model, ref_model=ref, args=args, eval_dataset=rows["eval"][:12], processing_class=tokenizer)
+    result = trainer.evaluate()
+
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(12)])
+    model.eval()
+    with torch.no_grad():
+        losses, _ = trainer.pair_losses(model, batch)
+        policy_sums, counts = trainer.score(model, batch)
+        ref_sums, _ = trainer.score(ref, batch)
+    rewards = 0.1 * (policy_sums - ref_sums).double()  # (2B,) sum form, beta 0.1
+    chosen, rejected = rewards[:12], rewards[12:]
+    expected = {
+        "eval_loss": losses.double().mean().item(),
+        "eval_rewards/chosen": chosen.mean().item(),
+        "eval_rewards/rejected": rejected.mean().item(),
+        "eval_rewards/accuracies": (chosen > rejected).double().mean().item(),
+        "eval_rewards/margins": (chosen - rejected).mean().item(),
+        "eval_logps/chosen": policy_sums[:12].double().mean().item(),
+        "eval_lengths/rejected": counts[12:].double().mean().item(),
+    }
+    batch_sizes = [8, 4]
+    assert [len(r) for r in (trainer.eval_dataset[:8]["row_id"], trainer.eval_dataset[8:]["row_id"])] == batch_sizes
+    assert 0.0 < expected["eval_rewards/accuracies"] < 1.0
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
