@@ -52,7 +52,7 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
     pairs = counters.get("pairs_tokenized", report.rows_kept)
     lines = [f"data report ({name}): {', '.join(report.sources) or 'in-memory rows'}"]
     lines.append(
-        f"  rows        {report.rows_read} read, {pairs} kept for training, {report.rows_skipped} skipped"
+        f"  rows        {report.rows_read} read, {pairs} kept, {report.rows_skipped} skipped"
     )
     if report.skipped:
         width = max(len(code) for code in report.skipped)
@@ -62,20 +62,17 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
     else:
         lines.append("  skipped     none")
     lines.append(
-        f"  truncated   {counters.get('prompts_truncated', 0)} prompts (oldest tokens dropped), "
-        f"{counters.get('responses_truncated', 0)} responses (cut from the right)"
+        f"  truncated   prompts {counters.get('prompts_truncated', 0)} (oldest tokens dropped), "
+        f"responses {counters.get('responses_truncated', 0)} (cut from the right)"
     )
-    lines.append(f"  merges      {counters.get('boundary_merges', 0)} prompt/response token-boundary merges")
-    notes = [
-        f"{counters[key]} rows {text}"
-        + (f" (e.g. {', '.join(report.counter_examples[key])})" if report.counter_examples.get(key) else "")
-        for key, text in (
-            ("special_token_text", "spell a special token in their text"),
-            ("ignored_message_keys", "carry message keys other than role/content (ignored)"),
-        )
-        if counters.get(key)
-    ]
-    lines += [f"  note        {note}" for note in notes]
+    lines.append(f"  merges      {counters.get('boundary_merges', 0)} prompt/response token-boundary merge(s), response tokenized apart")
+    for key, label, text in (
+        ("special_token_text", "special", "row(s) spell a special token in their text, kept"),
+        ("ignored_message_keys", "ignored", "row(s) have message keys other than role/content, not rendered"),
+    ):
+        if counters.get(key):
+            examples = report.counter_examples.get(key)
+            lines.append(f"  {label:<12}{counters[key]} {text}" + (f" (e.g. {', '.join(examples)})" if examples else ""))
     rows = []
     for column in LENGTH_COLUMNS:
         if dataset is not None and column in getattr(dataset, "column_names", ()) and len(dataset):

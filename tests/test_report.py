@@ -1,0 +1,109 @@
+"""The one-screen data report, checked against a file whose every count is known by construction."""
+
+import json
+import logging
+from types import SimpleNamespace
+
+import datasets
+import pytest
+
+from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
+from hf_dpo.data import DataReport
+from hf_dpo.demo import build_model, build_tokenizer
+from hf_dpo.report import format_data_report, length_stats, log_data_reports
+
+datasets.disable_progress_bars()
+MAX_LENGTH, MAX_PROMPT_LENGTH = 16, 12
+
+# String layout (raw concatenation, EOS appended), BOM and CRLF line ends. Physical lines:
+KNOWN_LINES = [
+    {"prompt": "What is the opposite of hot?", "chosen": " cold", "rejected": " hot"},  # 1 kept
+    "",  # 2 blank: not a row
+    {"prompt": "Opposite of big: sm", "chosen": "all", "rejected": "aller"},  # 3 kept; "sm"+"all" merge into "Ġsmall"
+    '{"prompt": "q", "chosen": ',  # 4 bad_json
+    {"prompt": "q", "chosen": " same", "rejected": " same"},  # 5 identical_responses
+    {"prompt": "word " * 30 + "?", "chosen": " yes", "rejected": " no"},  # 6 kept; 33-token prompt cut to 12
+    {"prompt": "q", "chosen": " x"},  # 7 missing_field
+    {"prompt": "Why?", "chosen": " because the quick brown fox jumps over the lazy dog", "rejected": " no"},  # 8 kept; 14-token answer cut to 12
+    {"prompt": "Hi", "chosen": " A<|im_end|>B", "rejected": " no"},  # 9 kept; spells the special token <|im_end|>
+    "garbage",  # 10 bad_json
+    {"prompt": "q2", "chosen": "  ", "rejected": " no"},  # 11 empty_content
+]
+
+
+@pytest.fixture()
+def known_file(tmp_path):
+    path = tmp_path / "known.jsonl"
+    lines = [line if isinstance(line, str) else json.dumps(line) for line in KNOWN_LINES]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    return path
+
+
+def expected_report(path):
+    """Token counts before truncation (response = its tokens + EOS), from the token lists:
+
+    prompt:   7 (What Ġis Ġthe Ġopposite Ġof Ġhot ?), 6 (Opposite Ġof Ġbig : Ġs m), 33, 4 (W h y ?), 2 (H i)
+              -> sorted 2 4 6 7 33: mean 10.4, p50 = 3rd = 6, p95 = 5th = 33
+    chosen:   2 (Ġcold EOS), 2 (all EOS, tokenized apart after the merge), 2, 14, 4 (ĠA <|im_end|> B EOS)
+              -> sorted 2 2 2 4 14: mean 4.8, p50 2, p95 14
+    rejected: 2, 3 (all er EOS), 2, 2, 2 -> mean 2.2, p50 2, p95 3
+    """
+    return "\n".join([
+        f"data report (train): {path}",
+        "  rows        10 read, 5 kept, 5 skipped",
+        f"  skipped     bad_json                 2  e.g. {path}:4, {path}:10",
+        f"  skipped     empty_content            1  e.g. {path}:11",
+        f"  skipped     identical_responses      1  e.g. {path}:5",
+        f"  skipped     missing_field            1  e.g. {path}:7",
+        "  truncated   prompts 1 (oldest tokens dropped), responses 1 (cut from the right)",
+        "  merges      1 prompt/response token-boundary merge(s), response tokenized apart",
+        f"  special     1 row(s) spell a special token in their text, kept (e.g. {path}:9 <|im_end|>)",
+        "  tokens           min    mean     p50     p95     max  (before truncation)",
+        "  prompt             2    10.4       6      33      33",
+        "  chosen             2     4.8       2      14      14",
+        "  rejected           2     2.2       2       3       3",
+    ])
+
+
+def test_length_stats_by_nearest_rank():
+    """[1, 2, 3, 4, 100]: mean 110 / 5 = 22; p50 = ceil(2.5) = 3rd = 3; p95 = ceil(4.75) = 5th = 100."""
+    assert length_stats([4, 100, 1, 3, 2]) == {"min": 1, "mean": 22.0, "p50": 3, "p95": 100, "max": 100}
+    assert length_stats([7]) == {"min": 7, "mean": 7.0, "p50": 7, "p95": 7, "max": 7}
+    assert length_stats(list(range(1, 21)))["p95"] == 19  # ceil(0.95 * 20) = 19th
+
+
+def test_report_of_a_file_with_known_counts(known_file):
+    chatml = build_tokenizer("chatml")
+    dataset = load_preference_dataset(str(known_file), on_bad_row="skip")
+    tokenized, report = tokenize_dataset(dataset, chatml, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+    assert list(tokenized["row_id"]) == [1, 3, 6, 8, 9]
+    assert format_data_report(report, "train", tokenized) == expected_report(known_file)
+
+
+def test_trainer_logs_the_report_once_when_training_starts(known_file, tmp_path, caplog):
+    chatml = build_tokenizer("chatml")
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, on_bad_row="skip", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+    )
+    model = build_model(chatml, hidden_size=16, num_layers=1, num_heads=2)
+    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=str(known_file), processing_class=chatml)
+    with caplog.at_level(logging.INFO, logger="hf_dpo.report"):
+        trainer.train()
+        trainer.train()  # a second call does not repeat it
+    records = [r for r in caplog.records if r.name == "hf_dpo.report"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.WARNING, "\n" + expected_report(known_file))]
+
+
+def test_clean_data_is_reported_at_info_level(caplog):
+    clean = DataReport(sources=["clean.jsonl"], rows_read=3, rows_kept=3)
+    with caplog.at_level(logging.INFO, logger="hf_dpo.report"):
+        log_data_reports(SimpleNamespace(data_reports={"eval": clean}, eval_dataset=None))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
+        logging.INFO,
+        "\ndata report (eval): clean.jsonl\n"
+        "  rows        3 read, 3 kept, 0 skipped\n"
+        "  skipped     none\n"
+        "  truncated   prompts 0 (oldest tokens dropped), responses 0 (cut from the right)\n"
+        "  merges      0 prompt/response token-boundary merge(s), response tokenized apart",
+    )]
