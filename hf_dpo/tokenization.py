@@ -142,6 +142,15 @@ def tokenize_row(
     return out
 
 
+def _failed_row(code: str) -> dict[str, Any]:
+    # Placeholder ids keep the columns' types stable for datasets; the filter drops the row.
+    return {
+        **{column: [0] for column in TOKENIZED_COLUMNS},
+        "prompt_length": 0, "skip_reason": code, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0,
+        "prompt_truncated": False, "responses_truncated": 0, "boundary_merges": 0,
+    }
+
+
 def _summarise(stats: datasets.Dataset, report: DataReport) -> None:
     for reason, row_id in zip(stats["skip_reason"], stats["row_id"]):
         if reason:
@@ -159,12 +168,14 @@ def tokenize_dataset(
     completion_turns: str = "last",
     num_proc: Optional[int] = None,
     report: Optional[DataReport] = None,
+    on_bad_row: str = "error",
 ) -> tuple[datasets.Dataset, DataReport]:
     """Tokenize a canonical data set (from :func:`hf_dpo.load_preference_dataset`) and drop untrainable pairs.
 
     Returns the tokenized data set (columns :data:`TOKENIZED_COLUMNS`, ``prompt_length``,
     ``row_id``) and the :class:`DataReport` extended with tokenization counts.
-    Raises :class:`DataError` naming the row when a template fails or nothing is left.
+    Raises :class:`DataError` naming the row when a template fails (with
+    ``on_bad_row="skip"``: counts and skips it) or when nothing is left.
     """
     if completion_turns not in ("last", "all"):
         raise ValueError(f"completion_turns: expected 'last' or 'all', got {completion_turns!r}")
@@ -180,7 +191,9 @@ def tokenize_dataset(
         try:
             return tokenize_row(row, tokenizer, max_length, max_prompt_length, completion_turns)
         except DataError as err:
-            raise err.at(*report.locate(row["row_id"])) from None
+            if on_bad_row != "skip":
+                raise err.at(*report.locate(row["row_id"])) from None
+            return _failed_row(err.code)
 
     count_special_token_text(dataset, tokenizer, report)
     tokenized = dataset.map(encode, num_proc=num_proc, desc="Tokenizing pairs", remove_columns=[c for c in dataset.column_names if c != "row_id"])

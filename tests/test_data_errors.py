@@ -224,3 +224,6 @@ def test_template_failure_is_a_located_data_error_not_a_jinja_crash(tmp_path):
     assert str(caught.value) == (
         f"{path}:2: the chat template failed: TemplateError: the bos template supports user and assistant roles only"
     )
+    tokenized, report = tokenize_dataset(load_preference_dataset(str(path)), bos, on_bad_row="skip")
+    assert list(tokenized["row_id"]) == [1]
+    assert dict(report.skipped) == {"template_error": 1} and report.skip_examples == {"template_error": [f"{path}:2"]}
