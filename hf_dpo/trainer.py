@@ -118,6 +118,7 @@ class NormalizedDPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         # split -> metric -> [(sum over the step's pairs, pair count)], so log() weights every pair equally.
         self._metrics: dict[str, defaultdict[str, list[tuple[float, float]]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metric_key_prefix: Optional[str] = None  # set while evaluate() runs
         self.add_callback(DataReportCallback(self))
         self.guards = install_guards(self)  # non-finite loss, first-step ln 2 check, beta warning
         if self.ref_model is not None:
@@ -214,6 +215,22 @@ class NormalizedDPOTrainer(Trainer):
         self._store_metrics(metrics, "train" if model.training else "eval", losses.shape[0])
         return (loss, metrics) if return_outputs else loss
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """``Trainer.evaluate``, also on raw or canonical rows; the DPO metrics get ``metric_key_prefix`` like the loss."""
+        if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of several eval sets
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: self._prepare_dataset(v, tokenizer, self.args, f"eval_{k}") for k, v in eval_dataset.items()}
+            else:
+                eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, self.args, metric_key_prefix)
+        # Trainer.evaluate calls itself once per named eval set with the prefix "eval_<name>".
+        outer, self._metric_key_prefix = self._metric_key_prefix, metric_key_prefix
+        self._metrics["eval"].clear()  # left by predict(), which logs nothing: not part of this evaluation
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._metric_key_prefix = outer
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -234,9 +251,9 @@ class NormalizedDPOTrainer(Trainer):
             self._metrics[split][key].append((value, count))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the DPO metrics averaged over the logging interval, every pair weighing the same (``eval_`` prefixed in evaluation)."""
-        split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        prefix = "eval_" if split == "eval" else ""
+        """Add the DPO metrics averaged over the logging interval, every pair weighing the same (prefixed like ``eval_loss`` in evaluation)."""
+        split = "train" if self._metric_key_prefix is None else "eval"
+        prefix = "" if self._metric_key_prefix is None else f"{self._metric_key_prefix}_"
         for key, records in self._metrics[split].items():
             if records:
                 logs[prefix + key] = sum(value for value, _ in records) / sum(count for _, count in records)

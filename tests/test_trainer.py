@@ -486,3 +486,46 @@ def test_eval_metrics_weight_every_pair_equally(tokenizer, rows, tmp_path):
     assert 0.0 < expected["eval_rewards/accuracies"] < 1.0
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_eval_metrics_follow_the_metric_key_prefix(tokenizer, rows, tmp_path):
+    """``evaluate(metric_key_prefix=...)``, a dict of eval sets and raw rows: DPO metrics are prefixed like ``*_loss``.
+
+    Each set's metrics are its own: the policy and the reference differ, so the two halves of
+    the held-out rows have different rewards, and neither leaks into the other's keys or into
+    the next evaluation.
+    """
+    model = build_model(tokenizer, hidden_size=32, num_layers=2)
+    ref = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
+    sets = {"first": rows["eval"][:8], "second": rows["eval"][8:16]}
+    args = make_args(tmp_path, per_device_eval_batch_size=8, length_normalize=False)
+    trainer = SequentialTrainer(model=model, ref_model=ref, args=args, eval_dataset=sets, processing_class=tokenizer)
+
+    alone = {name: trainer.evaluate(eval_dataset=trainer.eval_dataset[name], metric_key_prefix=name) for name in sets}
+    for name, result in alone.items():
+        assert {f"{name}_{key}" for key in METRIC_KEYS} <= set(result), name
+        assert not any(key.startswith("eval_") for key in result)
+    assert alone["first"]["first_rewards/margins"] != pytest.approx(alone["second"]["second_rewards/margins"], abs=1e-3)
+
+    both = trainer.evaluate()
+    for name in sets:
+        for key in (*METRIC_KEYS, "loss"):
+            assert both[f"eval_{name}_{key}"] == pytest.approx(alone[name][f"{name}_{key}"], rel=1e-6, abs=1e-7), (name, key)
+    assert not set(METRIC_KEYS) & set(both)
+    assert not {f"eval_{key}" for key in METRIC_KEYS} & set(both)
+    # Raw rows handed to evaluate() are prepared like the constructor's.
+    raw = trainer.evaluate(eval_dataset=sets["first"], metric_key_prefix="raw")
+    for key in (*METRIC_KEYS, "loss"):
+        assert raw[f"raw_{key}"] == pytest.approx(alone["first"][f"first_{key}"], rel=1e-6, abs=1e-7), key
+
+
+def test_predict_does_not_leak_into_the_next_evaluation(tokenizer, rows, tmp_path):
+    model = build_model(tokenizer, hidden_size=32, num_layers=2)
+    ref = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
+    args = make_args(tmp_path, per_device_eval_batch_size=8)
+    trainer = NormalizedDPOTrainer(model=model, ref_model=ref, args=args, eval_dataset=rows["eval"][:8], processing_class=tokenizer)
+    clean = trainer.evaluate()
+    trainer.predict(trainer.get_eval_dataloader().dataset.select(range(4)))  # 4 of the 8 pairs: other means
+    again = trainer.evaluate()
+    for key in METRIC_KEYS:
+        assert again[f"eval_{key}"] == pytest.approx(clean[f"eval_{key}"], rel=1e-6, abs=1e-7), key
