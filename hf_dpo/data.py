@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,18 +507,20 @@ def count_special_token_text(dataset: datasets.Dataset, tokenizer, report: DataR
     specials = special_token_strings(tokenizer)
     if not specials:
         return 0
+    # One alternation, longest first, searched once per row: C speed on large data sets.
+    pattern = re.compile("|".join(map(re.escape, specials)))
     found, examples = 0, []
     columns = [c for c in ("prompt", "chosen", "rejected", "prompt_text", "chosen_text", "rejected_text") if c in dataset.column_names]
     for batch in dataset.select_columns(["row_id", *columns]).iter(batch_size=1024):
         for i, row_id in enumerate(batch["row_id"]):
             texts = [batch[c][i] or "" for c in columns if c.endswith("_text")]
             texts += [m["content"] or "" for c in columns if not c.endswith("_text") for m in batch[c][i] or []]
-            hit = next((t for t in specials if any(t in text for text in texts)), None)
+            hit = pattern.search("\n".join(texts))
             if hit is None:
                 continue
             found += 1
             if len(examples) < EXAMPLE_LINES:
-                examples.append(f"{report.where(row_id)} {hit}")
+                examples.append(f"{report.where(row_id)} {hit.group()}")
     if found:
         report.counters["special_token_text"] += found
         report.counter_examples["special_token_text"] = examples
