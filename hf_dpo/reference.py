@@ -31,13 +31,18 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Set every dropout probability to 0, so that policy and reference agree exactly at step 0."""
+    """Set every dropout probability to 0, so that policy and reference agree exactly at step 0.
+
+    Covers dropout modules and the float rates that many transformers layers pass to
+    ``F.dropout`` or attention kernels themselves (``attention_dropout``, ``dropout``,
+    ``hidden_dropout``, ``activation_dropout``...). The model's config is left as it is.
+    """
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
-        # Llama/Qwen2 attention applies dropout from a float attribute, not an nn.Dropout module.
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float) and value != 0.0:
+                setattr(module, name, 0.0)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -84,8 +89,15 @@ def adapter_disabled(model: nn.Module):
     inner = model
     while not is_peft_model(inner) and hasattr(inner, "module"):
         inner = inner.module  # DDP / DeepSpeed wrappers
-    with inner.disable_adapter():
-        yield
+    # The reference runs in eval mode even when the policy keeps its dropout (disable_dropout=False).
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with inner.disable_adapter():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def reference_logp_sums(

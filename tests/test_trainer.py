@@ -272,6 +272,50 @@ def test_peft_trains_only_the_adapter_against_the_disabled_base(tokenizer, rows,
     assert (policy_sums - base_sums).abs().max().item() > 1e-3  # the adapter is back on after the reference pass
 
 
+def test_adapter_reference_runs_without_dropout_when_the_policy_keeps_it(tokenizer, rows, tmp_path):
+    """disable_dropout=False and attention dropout 0.5: the policy stays stochastic, the reference does not."""
+    from peft import LoraConfig
+
+    base = build_model(tokenizer, hidden_size=32, num_layers=2)
+    for module in base.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.5  # what a config with attention_dropout=0.5 builds
+    base_copy = copy.deepcopy(base).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = make_args(tmp_path, disable_dropout=False)
+    trainer = NormalizedDPOTrainer(model=base, args=args, train_dataset=rows["train"][:8], processing_class=tokenizer, peft_config=lora)
+    batch = next(iter(trainer.get_train_dataloader()))
+    policy = trainer.model.train()
+    with torch.no_grad():
+        first = reference_logp_sums("adapter", policy, None, batch, trainer.score)
+        second = reference_logp_sums("adapter", policy, None, batch, trainer.score)
+        expected, _ = trainer.score(base_copy, batch)
+        policy_a, _ = trainer.score(policy, batch)
+        policy_b, _ = trainer.score(policy, batch)
+    assert torch.equal(first, second)
+    assert (first - expected).abs().max().item() < 1e-5
+    assert all(module.training for module in policy.modules())  # train mode restored after the reference pass
+    assert (policy_a - policy_b).abs().max().item() > 1e-3  # the user's dropout is still on in the policy
+
+
+def test_disable_dropout_zeroes_modules_and_float_rates():
+    from hf_dpo.reference import disable_dropout
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_dropout, self.hidden_dropout, self.activation_dropout, self.dropout = 0.1, 0.2, 0.3, 0.4
+            self.scale = 0.5  # not a dropout rate
+            self.drop, self.drop2d = torch.nn.Dropout(0.4), torch.nn.Dropout2d(0.5)
+
+    block = torch.nn.Sequential(Block(), torch.nn.Dropout(0.6))
+    disable_dropout(block)
+    inner = block[0]
+    assert (inner.attention_dropout, inner.hidden_dropout, inner.activation_dropout, inner.dropout) == (0.0, 0.0, 0.0, 0.0)
+    assert inner.scale == 0.5
+    assert inner.drop.p == inner.drop2d.p == block[1].p == 0.0
+
+
 # ---------------------------------------------------------------- gradient accumulation
 
 
