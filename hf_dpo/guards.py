@@ -60,7 +60,7 @@ def nonfinite_loss_message(loss: float, losses: torch.Tensor, row_ids: Optional[
     return (
         f"non-finite training loss ({loss}) at step {step}. Non-finite pairs: {bad_rows}. Rows in the batch: {rows}. "
         "Likely causes: fp16 overflow (use bf16), a learning rate that is too high, or a row whose response "
-        "the model finds impossible; set nonfinite_loss='skip' to skip such optimizer steps instead of stopping."
+        "the model finds impossible."
     )
 
 
@@ -223,7 +223,7 @@ class TrainingGuards(TrainerCallback):
 
     def _fail_or_flag(self, message: str) -> None:
         if self.mode == "error":
-            raise NonFiniteLossError(message)
+            raise NonFiniteLossError(message + " Set nonfinite_loss='skip' to skip such optimizer steps instead of stopping.")
         logger.warning("%s Skipping this optimizer step.", message)
         self._skip_pending = True
 
