@@ -75,14 +75,17 @@ def data_path(tmp_path_factory):
 def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, data_path):
     output_dir, marker = tmp_path / "run", tmp_path / "saved"
     killed = launch(output_dir, data_path, "--pause-after-save", marker)
-    # The uninterrupted run, in this process, while the other one starts up.
-    expected = step_losses(run_training(tmp_path / "uninterrupted", data_path).state.log_history)
-    deadline = time.monotonic() + 300
-    while not marker.exists():
-        assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
-    os.kill(killed.pid, signal.SIGKILL)
+    try:
+        # The uninterrupted run, in this process, while the other one starts up.
+        expected = step_losses(run_training(tmp_path / "uninterrupted", data_path).state.log_history)
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        if killed.poll() is None:
+            os.kill(killed.pid, signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
     assert marker.read_text() == "2" and sorted(p.name for p in output_dir.iterdir()) == ["checkpoint-2"]
 
