@@ -173,8 +173,9 @@ def demo_assets(directory: Path, training_args: DPOConfig) -> dict[str, Path]:
     paths = {"tokenizer": directory / "tokenizer", "model": directory / "model", "train": directory / "train.jsonl", "eval": directory / "eval.jsonl"}
     with training_args.main_process_first(local=False, desc="building the demo assets"):
         if training_args.process_index == 0:
-            built = build_demo(directory)
-            assert {k: Path(v).resolve() for k, v in built.items()} == paths, built
+            built = {key: Path(value).resolve() for key, value in build_demo(directory).items()}
+            if built != paths:  # the other ranks rely on this layout without building
+                raise RuntimeError(f"hf_dpo.demo.build_demo wrote {built}, expected {paths}")
     return paths
 
 
@@ -188,6 +189,8 @@ def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Opti
     evaluation = None
     if script_args.eval_dataset or script_args.eval_dataset_split:
         eval_source = script_args.eval_dataset or script_args.dataset
+        if eval_source is None:
+            raise SystemExit("--eval_dataset_split needs --eval_dataset or --dataset to take the split from")
         evaluation = load_preference_dataset(eval_source, split=script_args.eval_dataset_split, on_bad_row=on_bad_row)
     elif script_args.eval_split_size > 0:
         size = script_args.eval_split_size
@@ -301,12 +304,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     use_gloo_without_gpus()
     script_args, model_args, training_args = parse_args(argv)
     check_zero3(model_args, training_args)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # transformers and datasets follow --log_level (WARNING by default, as in HF examples); this
+    # script and hf_dpo also say what they do (data report, reference, self-check) on the main process.
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    logging.getLogger("hf_dpo").setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    ours = min(log_level, logging.INFO) if training_args.should_log else log_level
+    logger.setLevel(ours)
+    logging.getLogger("hf_dpo").setLevel(ours)
 
     output_dir = Path(training_args.output_dir)
     demo = None
