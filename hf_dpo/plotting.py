@@ -64,6 +64,7 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
         # The object-oriented API needs no display and leaves pyplot's global state alone.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise ImportError("matplotlib is not installed: pip install matplotlib (or hf-dpo[plot]) to draw training curves") from None
 
@@ -91,6 +92,7 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
             ax.legend(fontsize=8)
         ax.set_title(panel_title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     if title:

@@ -229,7 +229,7 @@ def test_unknown_config_key_is_refused_by_name(train_module, tmp_path):
 
 
 def test_missing_matplotlib_skips_the_plot_with_one_line(train_module, tmp_path, monkeypatch, capsys):
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, name, None)
     assert train_module.write_plot([{"loss": 0.7, "step": 1}], tmp_path) is None
     out = capsys.readouterr().out

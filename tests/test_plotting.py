@@ -54,7 +54,7 @@ def test_plot_writes_a_png_of_the_figure_size(tmp_path):
 
 
 def test_plot_without_matplotlib_raises_a_clear_import_error(tmp_path, monkeypatch):
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_training_curves(HISTORY, tmp_path / "curves.png")
