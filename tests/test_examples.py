@@ -212,14 +212,15 @@ def test_flags_override_the_config_file_and_demo_defaults_apply_only_to_the_demo
     _, _, args = train_module.parse_args([str(tmp_path / "run.yaml"), "--beta", "7", "--output_dir", "elsewhere"])
     assert (args.beta, args.output_dir, args.loss_type) == (7.0, "elsewhere", "ipo")
 
-    _, model_args, demo_args = train_module.parse_args([])
-    assert model_args.model_name_or_path is None
+    script_args, model_args, demo_args = train_module.parse_args([])
+    assert model_args.model_name_or_path is None and script_args.torch_num_threads == 1
     assert (demo_args.output_dir, demo_args.learning_rate, demo_args.max_length) == ("outputs/demo", 1e-3, 128)
     _, _, demo_args = train_module.parse_args(["--learning_rate", "0.01"])
     assert demo_args.learning_rate == 0.01 and demo_args.output_dir == "outputs/demo"
     # With a model of one's own, TrainingArguments' and DPOConfig's defaults hold.
-    _, _, real_args = train_module.parse_args(["--model_name_or_path", "some/model"])
+    script_args, _, real_args = train_module.parse_args(["--model_name_or_path", "some/model"])
     assert (real_args.output_dir, real_args.learning_rate, real_args.max_length) == ("trainer_output", 5e-5, 1024)
+    assert script_args.torch_num_threads is None
 
 
 def test_unknown_config_key_is_refused_by_name(train_module, tmp_path):
