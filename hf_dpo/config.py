@@ -135,6 +135,15 @@ class DPOConfig(TrainingArguments):
             "attention never crosses sequences (sdpa/eager: an explicit mask; flash attention: from position_ids)."
         },
     )
+    padding_free_max_row_tokens: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "With padding_free: pack sequences into rows of at most this many tokens, or of the batch's longest "
+            "sequence if longer (first fit, longest first), instead of one row. SDPA/eager attention computes the whole "
+            "row x row mask, so one row costs (batch tokens)^2; 1 (rows as long as the longest sequence) keeps it near "
+            "the padded cost. Leave unset for flash attention, whose variable-length kernel prefers one row."
+        },
+    )
     share_prompt: bool = field(
         default=False,
         metadata={
@@ -178,7 +187,10 @@ class DPOConfig(TrainingArguments):
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
-        for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size", "precompute_ref_batch_size"):
+        for name in (
+            "max_length", "max_prompt_length", "pad_to_multiple_of", "logprob_chunk_size",
+            "precompute_ref_batch_size", "padding_free_max_row_tokens",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")

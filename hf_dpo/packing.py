@@ -7,7 +7,12 @@ pairs out differently:
 ``padding_free``
     All sequences of the batch in one row, positions restarting at 0 for each
     sequence; attention never crosses a sequence boundary. No pad token is computed
-    (except up to ``pad_to_multiple_of - 1`` at the row's end).
+    (except up to ``pad_to_multiple_of - 1`` at the row's end). With
+    ``max_row_tokens``, sequences are packed first-fit-decreasing into rows of at
+    most that many tokens instead (a longer sequence gets a row of its own): SDPA and
+    eager attention compute the full row-by-row mask, so one long row costs
+    ``(sum of lengths)^2`` attention where bounded rows cost about ``rows * bound^2``;
+    flash attention's variable-length kernel has no such cost and prefers one row.
 ``share_prompt``
     One unit per pair, ``[prompt | chosen response | rejected response]``: the
     rejected tokens attend to the prompt but not to the chosen tokens, and their
@@ -110,13 +115,30 @@ def _pair_unit(feature: dict[str, Any], pair: int, n_pairs: int) -> _Unit:
     )
 
 
+def _pack(lengths: list[int], max_row_tokens: Optional[int]) -> tuple[list[int], list[int], list[int]]:
+    """``(row, column)`` of each sequence and each row's fill: one row, or first-fit decreasing into bounded rows."""
+    if max_row_tokens is None:
+        columns = [sum(lengths[:i]) for i in range(len(lengths))]
+        return [0] * len(lengths), columns, [sum(lengths)]
+    capacity = max(max_row_tokens, max(lengths))
+    rows, columns, fills = [0] * len(lengths), [0] * len(lengths), []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, fill in enumerate(fills) if fill + lengths[i] <= capacity), len(fills))
+        if row == len(fills):
+            fills.append(0)
+        rows[i], columns[i] = row, fills[row]
+        fills[row] += lengths[i]
+    return rows, columns, fills
+
+
 @dataclass
 class PackedDPOCollator:
     """Collate tokenized pairs into a padding-free and/or shared-prompt layout (see the module docstring).
 
     Returns a dict:
         ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids`` ``(R, L)``: R = 1 with
-            ``padding_free``, else 2B rows (B with ``share_prompt``); right-padded with ``pad_token_id``.
+            ``padding_free`` (a few with ``max_row_tokens``), else 2B rows (B with ``share_prompt``);
+            right-padded with ``pad_token_id``.
         ``logp_positions``, ``logp_targets``, ``logp_sequences`` ``(M,)``: the scored tokens.
         ``chosen_lengths``, ``rejected_lengths`` ``(B,)``: scored token counts, as the plain collator's.
         ``row_ids`` ``(B,)`` and the cached reference sums, when the features carry them.
@@ -126,6 +148,7 @@ class PackedDPOCollator:
     padding_free: bool = False
     share_prompt: bool = False
     pad_to_multiple_of: Optional[int] = None
+    max_row_tokens: Optional[int] = None
     passthrough_columns: tuple[str, ...] = field(default=PASSTHROUGH_FLOAT_COLUMNS)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
@@ -141,16 +164,11 @@ class PackedDPOCollator:
             ]
 
         if self.padding_free:
-            starts = torch.tensor([0] + [len(u.ids) for u in units]).cumsum(0)
-            rows = [0] * len(units)
-            columns = starts[:-1].tolist()
-            width = _round_up(int(starts[-1]), self.pad_to_multiple_of)
-            n_rows = 1
+            rows, columns, fills = _pack([len(u.ids) for u in units], self.max_row_tokens)
         else:
-            rows = list(range(len(units)))
-            columns = [0] * len(units)
-            width = _round_up(max(len(u.ids) for u in units), self.pad_to_multiple_of)
-            n_rows = len(units)
+            rows, columns, fills = list(range(len(units))), [0] * len(units), [len(u.ids) for u in units]
+        width = _round_up(max(fills), self.pad_to_multiple_of)
+        n_rows = len(fills)
 
         input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)  # (R, L)
         position_ids = torch.zeros((n_rows, width), dtype=torch.long)  # (R, L)
@@ -168,10 +186,10 @@ class PackedDPOCollator:
                 targets.append(unit_targets)
                 sequences.append(torch.full_like(unit_targets, sequence))
         if self.padding_free:
-            # The row's tail padding is a sequence of its own (positions restart at 0), also for
+            # A row's tail padding is a sequence of its own (positions restart at 0), also for
             # attention implementations that find sequence boundaries from position_ids.
-            tail = width - int(starts[-1])
-            position_ids[0, width - tail :] = torch.arange(tail)
+            for row, fill in enumerate(fills):
+                position_ids[row, fill:] = torch.arange(width - fill)
 
         logp_sequences = torch.cat(sequences)
         counts = torch.bincount(logp_sequences, minlength=2 * n_pairs)  # (2B,)
@@ -224,4 +242,5 @@ def build_collator(pad_token_id: int, args) -> Any:
         padding_free=padding_free,
         share_prompt=share_prompt,
         pad_to_multiple_of=args.pad_to_multiple_of,
+        max_row_tokens=getattr(args, "padding_free_max_row_tokens", None),
     )

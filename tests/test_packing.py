@@ -42,6 +42,21 @@ def test_padding_free_collator_expected_tensors():
     assert batch["row_ids"].tolist() == [10, 11]
 
 
+def test_bounded_rows_pack_longest_first():
+    """Lengths 3, 2, 2, 3 into rows of at most 5 tokens: first fit, longest first -> [3 + 2], [3 + 2]."""
+    batch = PackedDPOCollator(pad_token_id=0, padding_free=True, max_row_tokens=5)(FEATURES)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 10], [9, 11, 12, 5, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1], [3, 3, 3, 2, 2]]
+    # Row 1 starts at flat index 5: rejected 8 is predicted at 5 + 3, rejected 11, 12 at 5 + 0, 5 + 1.
+    assert batch["logp_positions"].tolist() == [0, 1, 3, 8, 5, 6]
+    assert batch["logp_sequences"].tolist() == [0, 0, 1, 2, 3, 3]
+    # A bound below the longest sequence still fits it: rows of 3 -> one sequence per row, tail padding restarts at 0.
+    narrow = PackedDPOCollator(pad_token_id=0, padding_free=True, max_row_tokens=1)(FEATURES)
+    assert narrow["input_ids"].shape == (4, 3)
+    assert narrow["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2], [0, 1, 0], [0, 1, 0]]
+
+
 def test_block_diagonal_mask_expected():
     batch = PackedDPOCollator(pad_token_id=0, padding_free=True)(FEATURES[:1])  # 5 6 7 | 5 8
     mask = attention_mask_4d(batch["segment_ids"], batch["branch_ids"])
@@ -103,14 +118,16 @@ def assert_equivalent(got, want, atol=1e-5):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("response_only", [False, True])
-def test_padding_free_equals_padded_fp32(attn, response_only):
+@pytest.mark.parametrize("max_row_tokens", [None, 16])
+def test_padding_free_equals_padded_fp32(attn, response_only, max_row_tokens):
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     model.config._attn_implementation = attn
     features = random_features(3)
     padded = sums_and_grads(model, DPOCollator(tokenizer.pad_token_id)(features), response_only=False)
-    packed_batch = PackedDPOCollator(tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=8)(features)
-    assert packed_batch["input_ids"].shape[0] == 1
+    packed_batch = PackedDPOCollator(tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=8, max_row_tokens=max_row_tokens)(features)
+    # Lengths 5, 12, 19 | 12, 14, 16 in rows of max(16, 19): [19], [16], [14 + 5], [12], [12].
+    assert packed_batch["input_ids"].shape[0] == (1 if max_row_tokens is None else 5)
     assert (packed_batch["segment_ids"] >= 0).sum() == sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features)
     assert_equivalent(sums_and_grads(model, packed_batch, response_only), padded)
 
