@@ -160,6 +160,11 @@ def plain_projection_problem(model: nn.Module) -> Optional[str]:
 
     Structural checks only; :func:`projection_matches_logits` checks the numbers.
     """
+    wrapper = model
+    while isinstance(wrapper, nn.Module):
+        if type(wrapper).__name__ == "FullyShardedDataParallel":
+            return "FSDP shards the output embedding outside its own forward"
+        wrapper = getattr(wrapper, "module", None)
     lm = _causal_lm(model)
     config = getattr(lm, "config", None)
     if config is None or not hasattr(lm, "get_output_embeddings") or not hasattr(lm, "get_decoder"):

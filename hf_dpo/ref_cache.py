@@ -229,7 +229,11 @@ def precompute_reference(trainer) -> None:
     ref_fingerprint = model_fingerprint(scorer, frozen_only=trainer.reference_mode == "adapter")
 
     def prepare(dataset, name):
-        if dataset is None or not isinstance(dataset, datasets.Dataset) or set(SUM_COLUMNS) <= set(dataset.column_names):
+        if dataset is None:
+            return None
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError(f"--precompute_ref_logps needs a datasets.Dataset, but the {name} set is a {type(dataset).__name__}")
+        if set(SUM_COLUMNS) <= set(dataset.column_names):
             return dataset
         return with_reference_columns(dataset, reference_sums_for(trainer, dataset, name, ref_fingerprint))
 

@@ -147,3 +147,10 @@ def test_two_ranks_gather_into_row_order(tmp_path):
     torch.testing.assert_close(values["ref_chosen_logp_sums"], expected[0], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(values["ref_rejected_logp_sums"], expected[1], rtol=1e-6, atol=1e-5)
     assert values["chosen_lengths"].tolist() == [len(f) - f.count(0) for f in train["chosen_response_mask"]]
+
+
+def test_config_refuses_precompute_without_a_reference(tmp_path):
+    with pytest.raises(ValueError, match="--precompute_ref_logps has no reference to precompute"):
+        DPOConfig(output_dir=str(tmp_path), precompute_ref_logps=True, loss_type="simpo")
+    with pytest.raises(ValueError, match="--precompute_ref_batch_size must be a positive integer, got 0"):
+        DPOConfig(output_dir=str(tmp_path), precompute_ref_batch_size=0)
