@@ -33,7 +33,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset
+from hf_dpo import LOSS_REGISTRY, DPOConfig, NormalizedDPOTrainer, load_preference_dataset
 from hf_dpo.demo import build_demo
 
 logger = logging.getLogger("train")
@@ -211,8 +211,8 @@ def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Opti
     return train, evaluation
 
 
-def load_tokenizer(model_args: ModelArguments, name: str):
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name_or_path or name, trust_remote_code=model_args.trust_remote_code)
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Safe: masks come from the collator's response_mask, never from input_ids != pad_token_id.
         tokenizer.pad_token = tokenizer.eos_token
@@ -298,7 +298,7 @@ def check_zero3(model_args: ModelArguments, training_args: DPOConfig) -> None:
     """Refuse ZeRO-3 with a separate reference: its weights would be partitioned but never gathered."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    needs_reference = training_args.reference != "none" and training_args.loss_type != "simpo"
+    needs_reference = training_args.reference != "none" and LOSS_REGISTRY[training_args.loss_type].needs_reference
     if is_deepspeed_zero3_enabled() and needs_reference and not model_args.use_peft:
         raise SystemExit(
             "DeepSpeed ZeRO-3 needs --use_peft true (the reference is then the policy with its adapter disabled, "
@@ -306,13 +306,10 @@ def check_zero3(model_args: ModelArguments, training_args: DPOConfig) -> None:
         )
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    use_gloo_without_gpus()
-    script_args, model_args, training_args = parse_args(argv)
-    check_zero3(model_args, training_args)
+def setup_logging(training_args: DPOConfig) -> None:
+    """transformers and datasets follow --log_level (WARNING by default, as in HF examples); this
+    script and hf_dpo also say what they do (data report, reference, self-check) on the main process."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # transformers and datasets follow --log_level (WARNING by default, as in HF examples); this
-    # script and hf_dpo also say what they do (data report, reference, self-check) on the main process.
     log_level = training_args.get_process_log_level()
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
@@ -320,44 +317,53 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logger.setLevel(ours)
     logging.getLogger("hf_dpo").setLevel(ours)
 
-    if script_args.torch_num_threads:
-        torch.set_num_threads(script_args.torch_num_threads)
-    output_dir = Path(training_args.output_dir)
+
+def build_trainer(script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOConfig) -> NormalizedDPOTrainer:
+    """Models, tokenizer and data loaded with the usual from_pretrained / file / hub calls (the demo's from disk)."""
     demo = None
     if model_args.model_name_or_path is None or script_args.dataset is None:
-        demo = demo_assets(output_dir / "demo_assets", training_args)
+        demo = demo_assets(Path(training_args.output_dir) / "demo_assets", training_args)
         logger.info("built-in demo: assets in %s", demo["model"].parent)
     model_name = model_args.model_name_or_path or str(demo["model"])
-    tokenizer = load_tokenizer(model_args, model_args.tokenizer_name_or_path or (str(demo["tokenizer"]) if model_args.model_name_or_path is None else model_name))
+    tokenizer_name = model_args.tokenizer_name_or_path or (model_args.model_name_or_path or str(demo["tokenizer"]))
     train_dataset, eval_dataset = load_data(script_args, training_args, demo)
-
-    model = load_model(model_name, model_args)
-    ref_model = load_model(model_args.ref_model_name_or_path, model_args) if model_args.ref_model_name_or_path else None
-    trainer = NormalizedDPOTrainer(
-        model=model,
-        ref_model=ref_model,
+    return NormalizedDPOTrainer(
+        model=load_model(model_name, model_args),
+        ref_model=load_model(model_args.ref_model_name_or_path, model_args) if model_args.ref_model_name_or_path else None,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        processing_class=tokenizer,
+        processing_class=load_tokenizer(tokenizer_name, model_args.trust_remote_code),
         peft_config=lora_config(model_args) if model_args.use_peft else None,
     )
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    use_gloo_without_gpus()
+    script_args, model_args, training_args = parse_args(argv)
+    check_zero3(model_args, training_args)
+    setup_logging(training_args)
+    if script_args.torch_num_threads:
+        torch.set_num_threads(script_args.torch_num_threads)
+
+    trainer = build_trainer(script_args, model_args, training_args)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     logger.info("reference: %s; trainable parameters: %d of %d", trainer.reference_mode, trainable, total)
 
-    before = trainer.evaluate() if eval_dataset is not None else None
+    has_eval = trainer.eval_dataset is not None
+    before = trainer.evaluate() if has_eval else None
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # the adapter alone for a PEFT model; the tokenizer with it
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
-    after = None
-    if eval_dataset is not None:
-        after = trainer.evaluate()
+    after = trainer.evaluate() if has_eval else None
+    if after is not None:
         trainer.log_metrics("eval", after)
         trainer.save_metrics("eval", after)
 
+    output_dir = Path(training_args.output_dir)
     summary: dict[str, Any] = {
         "demo": model_args.model_name_or_path is None,
         "use_peft": model_args.use_peft,
@@ -366,7 +372,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "total_parameters": total,
         "world_size": training_args.world_size,
         "global_steps": trainer.state.global_step,
-        "held_out": {"pairs": len(trainer.eval_dataset) if eval_dataset is not None else 0, "before": held_out_numbers(before), "after": held_out_numbers(after)},
+        "held_out": {
+            "pairs": len(trainer.eval_dataset) if has_eval else 0,
+            "before": held_out_numbers(before),
+            "after": held_out_numbers(after),
+        },
         "outputs": {"output_dir": str(output_dir)},
     }
     if trainer.is_world_process_zero():
