@@ -152,8 +152,8 @@ class NormalizedDPOTrainer(Trainer):
                 max_prompt_length=args.max_prompt_length,
                 completion_turns=args.completion_turns,
                 num_proc=args.dataset_num_proc,
-            )
                 on_bad_row=args.on_bad_row,
+            )
         self.data_reports[name] = report
         logger.info(
             "%s data: %d rows read, %d pairs kept, skipped %s",
