@@ -181,6 +181,7 @@ class DPOConfig(TrainingArguments):
         _check_choice("completion_turns", self.completion_turns, COMPLETION_TURNS_CHOICES)
         _check_choice("reference", self.reference, REFERENCE_CHOICES)
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
+        _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
         if not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -212,4 +213,3 @@ class DPOConfig(TrainingArguments):
 def _check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"--{flag}: got {value!r}; choose one of {', '.join(choices)}")
-        _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
