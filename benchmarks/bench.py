@@ -368,7 +368,7 @@ def markdown(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
+def machine(threads=None) -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -378,7 +378,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} logical CPUs (torch threads {torch.get_num_threads()}){gpu}; torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} logical CPUs (torch threads per run: {threads or torch.get_num_threads()}){gpu}; torch {torch.__version__}"
 
 
 def main(argv=None) -> int:
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
     for size, data, names in configs:
         baseline = args.baseline if args.baseline in names else names[0]
         rows += [dict(r, baseline=baseline) for r in summarize([r for r in results if (r["size"], r["data"]) == (size, data)], baseline)]
-    header = (f"Command: `{command}`\n\nMachine: {machine()}\n\nDate: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+    header = (f"Command: `{command}`\n\nMachine: {machine(args.threads)}\n\nDate: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
               f"wall time {time.perf_counter() - started:.0f} s; {dtype}; gradient checkpointing "
               f"{'on' if args.gradient_checkpointing else 'off'}; batch {args.batch} pairs; {args.warmup} warm-up + {args.steps} timed steps\n")
     tables = []
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
                       + markdown(subset, subset[0]["baseline"]))
     print(header + "\n" + "\n\n".join(tables))
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "machine": machine(), "runs": results, "summary": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"command": command, "machine": machine(args.threads), "runs": results, "summary": rows}, indent=1))
     return 0
 
 

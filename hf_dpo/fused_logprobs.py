@@ -14,8 +14,10 @@ that soft-cap (``final_logit_softcapping``), scale (``logit_scale``,
 projection, PEFT-wrapped heads (``lora.Linear``, ``ModulesToSaveWrapper``),
 quantized heads and sharded weights (FSDP, DeepSpeed ZeRO-3) are detected and
 fall back to the model's own logits: :func:`plain_projection_problem` names the
-reason, and :func:`projection_matches_logits` checks it numerically on the model
-itself once, so an unknown transformation is caught rather than guessed.
+structural reason, and on the model's first forward :mod:`hf_dpo.scoring` keeps
+the logits of one position and compares them with
+:func:`projection_matches_logits`, so a transformation no config attribute
+declares is caught rather than guessed; the verdict is cached on the model.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _causal_lm(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
     """The transformers ``*ForCausalLM`` inside a (PEFT-)wrapped model."""
     model = unwrap(model)
     if hasattr(model, "get_base_model"):  # PeftModel
@@ -165,7 +167,7 @@ def plain_projection_problem(model: nn.Module) -> Optional[str]:
         if type(wrapper).__name__ == "FullyShardedDataParallel":
             return "FSDP shards the output embedding outside its own forward"
         wrapper = getattr(wrapper, "module", None)
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     config = getattr(lm, "config", None)
     if config is None or not hasattr(lm, "get_output_embeddings") or not hasattr(lm, "get_decoder"):
         return f"{type(lm).__name__} is not a transformers causal LM"
@@ -203,7 +205,7 @@ def captured_last_hidden(model: nn.Module) -> Iterator[list]:
         hidden = getattr(output, "last_hidden_state", None)
         captured.append(output[0] if hidden is None else hidden)
 
-    handle = _causal_lm(model).get_decoder().register_forward_hook(hook)
+    handle = causal_lm(model).get_decoder().register_forward_hook(hook)
     try:
         yield captured
     finally:
@@ -226,16 +228,16 @@ def projection_matches_logits(model: nn.Module, logits: Tensor, hidden: Tensor) 
 
 def projection_verdict(model: nn.Module) -> Optional[bool]:
     """The cached result of the numerical check for ``model``: True, False, or None (not checked yet)."""
-    return getattr(_causal_lm(model), _VERDICT_ATTRIBUTE, None)
+    return getattr(causal_lm(model), _VERDICT_ATTRIBUTE, None)
 
 
 def set_projection_verdict(model: nn.Module, verdict: bool, reason: str = "") -> None:
     """Remember whether ``model``'s logits are a plain projection, and say so once when they are not."""
     if not verdict:
         logger.warning("response_only_logits: using the model's full logits because %s", reason)
-    setattr(_causal_lm(model), _VERDICT_ATTRIBUTE, verdict)
+    setattr(causal_lm(model), _VERDICT_ATTRIBUTE, verdict)
 
 
 def output_projection(model: nn.Module) -> nn.Linear:
     """The output embedding (``lm_head``) of a causal LM, through DDP / PEFT wrappers."""
-    return _causal_lm(model).get_output_embeddings()
+    return causal_lm(model).get_output_embeddings()

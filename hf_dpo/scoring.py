@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .fused_logprobs import (
-    _causal_lm,
+    causal_lm,
     captured_last_hidden,
     linear_token_logps,
     output_projection,
@@ -33,7 +33,7 @@ MASK_4D_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 def attention_implementation(model: nn.Module) -> str:
-    return getattr(_causal_lm(model).config, "_attn_implementation", None) or "eager"
+    return getattr(causal_lm(model).config, "_attn_implementation", None) or "eager"
 
 
 def check_layout_support(model: nn.Module, share_prompt: bool) -> None:
@@ -70,7 +70,7 @@ def model_inputs(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor
     if implementation == "sdpa":
         inputs["attention_mask"] = attention_mask_4d(batch["segment_ids"], batch["branch_ids"])
     elif implementation == "eager":
-        dtype = _causal_lm(model).get_input_embeddings().weight.dtype
+        dtype = causal_lm(model).get_input_embeddings().weight.dtype
         inputs["attention_mask"] = attention_mask_4d(batch["segment_ids"], batch["branch_ids"], dtype)
     elif bool((batch["branch_ids"] != 0).any()):
         check_layout_support(model, share_prompt=True)
