@@ -59,15 +59,27 @@ def response_logp_sums(
         response_mask: ``(N, T)`` bool/int, aligned for next-token prediction (see module docstring).
 
     Returns:
-        ``(sums, counts)``: ``(N,)`` fp32 sums of log-probs over response tokens, and ``(N,)`` int64 counts.
+        ``(sums, counts)``: ``(N,)`` float64 sums of log-probs over response tokens (see
+        :func:`per_sequence_sums`), and ``(N,)`` int64 counts.
     """
     mask = response_mask.bool()
     targets = next_token_targets(input_ids)
     token_logps = token_logps_from_logits(logits[mask], targets[mask], chunk_size)  # (M,)
     row_of_token = mask.nonzero(as_tuple=True)[0]  # (M,)
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logits.device)
-    sums = sums.index_add(0, row_of_token, token_logps)
-    return sums, mask.sum(-1)
+    return per_sequence_sums(token_logps, row_of_token, input_ids.shape[0]), mask.sum(-1)
+
+
+def per_sequence_sums(token_logps: Tensor, sequences: Tensor, n_sequences: int) -> Tensor:
+    """``(n_sequences,)`` sums of ``token_logps`` ``(M,)`` grouped by ``sequences`` ``(M,)``.
+
+    Accumulated in float64 (fp32 where the device has no float64, e.g. MPS): a
+    sum of hundreds of log-probs near -60 has an fp32 step of about 4e-6, which
+    would otherwise dominate the error of the per-token mean. The tensors are
+    ``(2B,)``, so the cost is nil.
+    """
+    dtype = torch.float32 if token_logps.device.type == "mps" else torch.float64
+    sums = torch.zeros(n_sequences, dtype=dtype, device=token_logps.device)
+    return sums.index_add(0, sequences, token_logps.to(dtype))
 
 
 def sequence_logps(sums: Tensor, counts: Tensor, length_normalize: bool) -> Tensor:

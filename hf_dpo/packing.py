@@ -208,7 +208,7 @@ class PackedDPOCollator:
             batch["row_ids"] = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
         for name in self.passthrough_columns:
             if name in features[0]:
-                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float32)
+                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)
         return batch
 
 

@@ -151,15 +151,15 @@ def compute_reference_sums(trainer, dataset: datasets.Dataset, description: str)
                 else:
                     sums, counts = trainer.score(scorer, batch)
             n_pairs = counts.shape[0] // 2
-            pieces.append(torch.stack([sums[:n_pairs], sums[n_pairs:], counts[:n_pairs].float(), counts[n_pairs:].float()], 1))
+            pieces.append(torch.stack([sums[:n_pairs], sums[n_pairs:], counts[:n_pairs].to(sums.dtype), counts[n_pairs:].to(sums.dtype)], 1))
     finally:
         scorer.train(was_training)
     local = torch.cat(pieces) if pieces else torch.zeros(0, 4, device=accelerator.device)  # (n_local, 4)
     index = torch.tensor(indices, dtype=torch.long, device=local.device)
     if world > 1:
         local, index = accelerator.gather(local.contiguous()), accelerator.gather(index)
-    full = torch.zeros(len(dataset), 4, dtype=torch.float32)
-    full[index.cpu()] = local.float().cpu()  # padding repeats a row with the same values
+    full = torch.zeros(len(dataset), 4, dtype=torch.float64)  # sums keep the float64 accumulation of score()
+    full[index.cpu()] = local.cpu().double()  # padding repeats a row with the same values
     return {
         SUM_COLUMNS[0]: full[:, 0].clone(),
         SUM_COLUMNS[1]: full[:, 1].clone(),

@@ -23,7 +23,7 @@ from .fused_logprobs import (
     projection_verdict,
     set_projection_verdict,
 )
-from .logprobs import next_token_targets, response_logp_sums, token_logps_from_logits
+from .logprobs import next_token_targets, per_sequence_sums, response_logp_sums, token_logps_from_logits
 from .packing import LAYOUT_KEYS, attention_mask_4d
 
 Tensor = torch.Tensor
@@ -114,7 +114,7 @@ def response_only_available(model: nn.Module) -> bool:
 def score_batch(
     model: nn.Module, batch: dict[str, Tensor], chunk_size: int = 1024, response_only: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Response log-prob sums ``(2B,)`` fp32 and token counts ``(2B,)`` int64 of ``batch`` under ``model``.
+    """Response log-prob sums ``(2B,)`` float64 and token counts ``(2B,)`` int64 of ``batch`` under ``model``.
 
     With ``response_only`` the logits are never formed for unscored positions (nor kept
     for backward); models whose logits are not a plain projection of the last hidden
@@ -132,6 +132,6 @@ def score_batch(
     if logps is None:
         logits = model(**inputs, use_cache=False).logits  # (R, L, V)
         logps = token_logps_from_logits(logits.reshape(-1, logits.shape[-1])[positions], targets, chunk_size)
-    sums = torch.zeros(n_sequences, dtype=torch.float32, device=logps.device).index_add(0, sequences, logps)
+    sums = per_sequence_sums(logps, sequences, n_sequences)
     counts = torch.bincount(sequences, minlength=n_sequences)
     return sums, counts

@@ -194,6 +194,8 @@ class NormalizedDPOTrainer(Trainer):
         )
         if args.sft_weight:
             losses = losses + args.sft_weight * sft_nll(policy_sums[:n_pairs], counts[:n_pairs])
+        # Sums and means ran in float64 for accuracy; Trainer, GradScaler and DeepSpeed expect an fp32 loss.
+        losses = losses.float()
         detached = policy_logps.detach()
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),

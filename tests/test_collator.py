@@ -69,7 +69,7 @@ def test_expected_tensors():
     assert batch["chosen_lengths"].tolist() == [2, 4]
     assert batch["rejected_lengths"].tolist() == [1, 1]
     assert batch["row_ids"].tolist() == [3, 7]
-    assert batch["ref_chosen_logp_sums"].dtype == torch.float32
+    assert batch["ref_chosen_logp_sums"].dtype == torch.float64
     assert batch["ref_chosen_logp_sums"].tolist() == [-1.5, -3.0]
     assert batch["ref_rejected_logp_sums"].tolist() == [-0.25, -2.0]
     assert batch["input_ids"].dtype == torch.long and batch["attention_mask"].dtype == torch.long

@@ -161,7 +161,7 @@ def test_log_probs_of_half_precision_logits_are_computed_in_fp32():
     sums, counts = response_logp_sums(logits, input_ids, mask)
     exact = torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (N, T-1)
     expected = (exact * mask[:, :-1]).sum(-1)
-    assert sums.dtype == torch.float32 and counts.tolist() == [3, 2]
+    assert sums.dtype == torch.float64 and counts.tolist() == [3, 2]  # fp32 log-probs, float64 sums
     assert torch.allclose(sums.double(), expected, atol=1e-4)
     # The tolerance is meaningful: merely rounding the exact sums to fp16 misses it.
     assert (expected.half().double() - expected).abs().max() > 1e-3

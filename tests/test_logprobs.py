@@ -40,8 +40,8 @@ def test_equals_naive_log_softmax(chunk_size):
     kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
     sums, counts = response_logp_sums(logits, input_ids, mask, **kwargs)
     expected_sums, expected_counts = naive_logp_sums(logits, input_ids, mask)
-    assert sums.dtype == torch.float32 and sums.shape == (3,)
-    torch.testing.assert_close(sums, expected_sums, rtol=0, atol=1e-5)
+    assert sums.dtype == torch.float64 and sums.shape == (3,)  # accumulated in float64, see per_sequence_sums
+    torch.testing.assert_close(sums, expected_sums.double(), rtol=0, atol=1e-5)
     assert counts.tolist() == [3, 7, 1] == expected_counts.tolist()
 
 
@@ -51,7 +51,7 @@ def test_single_token_value_by_hand():
     input_ids = torch.tensor([[0, 1]])
     mask = torch.tensor([[1, 0]])
     sums, counts = response_logp_sums(logits, input_ids, mask)
-    torch.testing.assert_close(sums, torch.tensor([-0.2876820724517809]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sums, torch.tensor([-0.2876820724517809], dtype=torch.float64), rtol=0, atol=1e-6)
     assert counts.tolist() == [1]
 
 
@@ -109,14 +109,14 @@ def test_gradients_equal_naive(chunk_size):
     assert chunked.grad[~mask].abs().max().item() == 0.0
 
 
-def test_bf16_logits_give_fp32_sums():
-    """bf16 logits are upcast per chunk: fp32 output, equal to the naive fp32 path on the same (rounded) logits."""
+def test_bf16_logits_give_float64_sums():
+    """bf16 logits are upcast per chunk (fp32 log-sum-exp) and summed in float64; equal to the naive fp32 path on the same (rounded) logits."""
     logits, input_ids, mask = make_batch(seed=2)
     logits_bf16 = logits.to(torch.bfloat16)
     sums, counts = response_logp_sums(logits_bf16, input_ids, mask, chunk_size=3)
-    assert sums.dtype == torch.float32
+    assert sums.dtype == torch.float64
     expected, _ = naive_logp_sums(logits_bf16.float(), input_ids, mask)
-    torch.testing.assert_close(sums, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sums, expected.double(), rtol=0, atol=1e-5)
     assert counts.tolist() == [3, 7, 1]
 
 

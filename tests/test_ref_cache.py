@@ -50,9 +50,9 @@ def test_precomputed_sums_equal_on_the_fly_reference_and_model_is_released(tmp_p
     eval_chosen, _ = on_the_fly_sums(plain, evaluation)
 
     trainer = make_trainer(tmp_path, train, evaluation, precompute_ref_logps=True)
-    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_chosen_logp_sums"]), chosen, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_rejected_logp_sums"]), rejected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(trainer.eval_dataset["ref_chosen_logp_sums"]), eval_chosen, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_chosen_logp_sums"], dtype=torch.float64), chosen, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_rejected_logp_sums"], dtype=torch.float64), rejected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(trainer.eval_dataset["ref_chosen_logp_sums"], dtype=torch.float64), eval_chosen, rtol=1e-6, atol=1e-5)
     assert trainer.ref_model is None and len(trainer.accelerator._models) == 0
 
     # The loss of a batch is the same as with the live reference, and evaluation runs on the cached columns.
@@ -99,7 +99,7 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path):
     with torch.no_grad():
         expected, _ = trainer.score(base, batch)
         adapted, _ = trainer.score(trainer.model, batch)
-    got = torch.tensor(list(trainer.train_dataset["ref_chosen_logp_sums"]) + list(trainer.train_dataset["ref_rejected_logp_sums"]))
+    got = torch.tensor(list(trainer.train_dataset["ref_chosen_logp_sums"]) + list(trainer.train_dataset["ref_rejected_logp_sums"]), dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     assert (adapted - expected).abs().max() > 1e-4  # the adapter really changes the scores
 
