@@ -12,6 +12,18 @@ import torch
 PASSTHROUGH_FLOAT_COLUMNS = ("ref_chosen_logp_sums", "ref_rejected_logp_sums")
 
 
+def pair_columns(features: list[dict[str, Any]], passthrough_columns: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The per-pair extras of a batch, whatever its layout: ``row_ids`` ``(B,)`` and the passthrough sums ``(B,)``."""
+    extras = {}
+    if "row_id" in features[0]:
+        extras["row_ids"] = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
+    for name in passthrough_columns:
+        if name in features[0]:
+            # float64: cached reference sums keep the precision score() accumulated them in.
+            extras[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)
+    return extras
+
+
 def _round_up(length: int, multiple: Optional[int]) -> int:
     if not multiple:
         return length
@@ -69,9 +81,5 @@ class DPOCollator:
             "chosen_lengths": counts[:n_pairs],
             "rejected_lengths": counts[n_pairs:],
         }
-        if "row_id" in features[0]:
-            batch["row_ids"] = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
-        for name in self.passthrough_columns:
-            if name in features[0]:
-                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)
+        batch.update(pair_columns(features, self.passthrough_columns))
         return batch

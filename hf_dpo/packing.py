@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from .collator import PASSTHROUGH_FLOAT_COLUMNS, DPOCollator, _round_up
+from .collator import PASSTHROUGH_FLOAT_COLUMNS, DPOCollator, _round_up, pair_columns
 
 Tensor = torch.Tensor
 
@@ -204,11 +204,7 @@ class PackedDPOCollator:
             "chosen_lengths": counts[:n_pairs],
             "rejected_lengths": counts[n_pairs:],
         }
-        if "row_id" in features[0]:
-            batch["row_ids"] = torch.tensor([f["row_id"] for f in features], dtype=torch.long)
-        for name in self.passthrough_columns:
-            if name in features[0]:
-                batch[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)
+        batch.update(pair_columns(features, self.passthrough_columns))
         return batch
 
 

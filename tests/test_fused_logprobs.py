@@ -13,15 +13,6 @@ from hf_dpo.fused_logprobs import linear_token_logps, plain_projection_problem, 
 from hf_dpo.scoring import score_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU: one thread avoids OpenMP contention (100x slower with 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def naive_logps(hidden, weight, bias, targets):
     logits = hidden @ weight.T + (0 if bias is None else bias)  # (M, V)
     return torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)

@@ -10,14 +10,6 @@ from hf_dpo.sampling import add_length_column, pair_widths
 from hf_dpo.scoring import score_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU: one thread avoids OpenMP contention (100x slower with 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # Two pairs; prompt = first token. Pair 0: chosen 5 6 7, rejected 5 8. Pair 1: chosen 9 10, rejected 9 11 12.
 FEATURES = [
     {"chosen_input_ids": [5, 6, 7], "chosen_response_mask": [0, 1, 1], "rejected_input_ids": [5, 8],

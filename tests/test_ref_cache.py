@@ -11,15 +11,6 @@ from hf_dpo.demo import build_model, build_tokenizer
 from test_packing import random_features
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU: one thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pairs(n, seed=0):
     return datasets.Dataset.from_list([dict(f, row_id=i) for i, f in enumerate(random_features(n, seed=seed))])
 

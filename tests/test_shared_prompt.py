@@ -11,15 +11,6 @@ from hf_dpo.scoring import check_layout_support
 from test_packing import FEATURES, assert_equivalent, random_features, sums_and_grads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared CPU: one thread avoids OpenMP contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shared_layout_expected_tensors():
     batch = PackedDPOCollator(pad_token_id=0, share_prompt=True)(FEATURES)
     # Row b = [prompt | chosen response | rejected response]; rejected positions continue from the prompt's end.
