@@ -186,6 +186,8 @@ class DPOConfig(TrainingArguments):
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and not LOSS_REGISTRY[self.loss_type].uses_label_smoothing:
+            raise ValueError(f"--label_smoothing {self.label_smoothing} has no effect with --loss_type {self.loss_type}; set it to 0")
         if self.sft_weight < 0:
             raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
         for name in (

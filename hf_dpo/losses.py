@@ -136,18 +136,20 @@ def sft_nll(chosen_logp_sums: Tensor, chosen_token_counts: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class LossSpec:
-    """One registered loss: the function, whether it needs reference log-probs, a one-line description."""
+    """One registered loss: the function, whether it needs reference log-probs, a one-line description,
+    and whether it reads ``label_smoothing`` (the config refuses a smoothing the loss would ignore)."""
 
     fn: Callable[..., tuple[Tensor, Tensor, Tensor]]
     needs_reference: bool
     description: str
+    uses_label_smoothing: bool = True
 
 
 LOSS_REGISTRY: dict[str, LossSpec] = {
     "sigmoid": LossSpec(sigmoid_loss, True, "DPO -logsigmoid(beta*margin); cDPO when label_smoothing > 0"),
     "robust": LossSpec(robust_loss, True, "robust DPO, unbiased under label noise label_smoothing"),
-    "ipo": LossSpec(ipo_loss, True, "IPO (margin - 1/(2*beta))^2"),
-    "hinge": LossSpec(hinge_loss, True, "SLiC hinge relu(1 - beta*margin)"),
+    "ipo": LossSpec(ipo_loss, True, "IPO (margin - 1/(2*beta))^2", uses_label_smoothing=False),
+    "hinge": LossSpec(hinge_loss, True, "SLiC hinge relu(1 - beta*margin)", uses_label_smoothing=False),
     "simpo": LossSpec(simpo_loss, False, "SimPO, reference-free, margin simpo_gamma"),
 }
 

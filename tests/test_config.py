@@ -39,6 +39,8 @@ def test_beta_default_follows_length_normalize(tmp_path):
         ({"label_smoothing": 0.5}, "--label_smoothing must be in [0, 0.5), got 0.5"),
         ({"label_smoothing": -0.1}, "--label_smoothing must be in [0, 0.5), got -0.1"),
         ({"sft_weight": -1.0}, "--sft_weight must be >= 0, got -1.0"),
+        ({"loss_type": "ipo", "label_smoothing": 0.1}, "--label_smoothing 0.1 has no effect with --loss_type ipo; set it to 0"),
+        ({"loss_type": "hinge", "label_smoothing": 0.2}, "--label_smoothing 0.2 has no effect with --loss_type hinge; set it to 0"),
         ({"max_length": 0}, "--max_length must be a positive integer, got 0"),
         ({"logprob_chunk_size": 0}, "--logprob_chunk_size must be a positive integer, got 0"),
         ({"max_prompt_length": 1024}, "--max_prompt_length (1024) must be below --max_length (1024)"),
