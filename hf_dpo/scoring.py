@@ -24,7 +24,7 @@ from .fused_logprobs import (
     set_projection_verdict,
 )
 from .logprobs import next_token_targets, per_sequence_sums, response_logp_sums, token_logps_from_logits
-from .packing import LAYOUT_KEYS, attention_mask_4d
+from .packing import attention_mask_4d
 
 Tensor = torch.Tensor
 
