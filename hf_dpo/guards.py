@@ -26,6 +26,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .losses import get_loss, preference_loss
+from .reference import dropout_rates
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,6 @@ LN2 = math.log(2.0)
 # Policy and reference run the same weights on the same batch at step 0, so the
 # loss is exact up to kernel noise; a wrong reference moves it by far more.
 FIRST_STEP_RTOL = 1e-3
-# Float attributes through which transformers models apply dropout without an nn.Dropout module.
-DROPOUT_ATTRIBUTES = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,17 +94,11 @@ def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
 
 def active_dropout(model: nn.Module) -> list[str]:
     """Names of dropout that is live in ``model`` (module in train mode and probability above 0)."""
-    found = []
-    for name, module in model.named_modules():
-        if not module.training:
-            continue
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            found.append(f"{name or 'model'} (p={module.p})")
-        for attribute in DROPOUT_ATTRIBUTES:
-            value = getattr(module, attribute, None)
-            if isinstance(value, float) and value > 0:
-                found.append(f"{name or 'model'}.{attribute}={value}")
-    return found
+    return [
+        f"{name or 'model'} (p={value})" if attribute == "p" else f"{name or 'model'}.{attribute}={value}"
+        for name, module, attribute, value in dropout_rates(model)
+        if module.training and value > 0
+    ]
 
 
 def _differing_tensors(policy: nn.Module, reference: nn.Module) -> Optional[tuple[int, int, str]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -30,19 +30,29 @@ def is_peft_model(model: nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def dropout_rates(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, float]]:
+    """Every dropout probability in ``model``: ``(module name, module, attribute, value)``.
+
+    Covers dropout modules (``p``) and the float rates that many transformers layers
+    pass to ``F.dropout`` or attention kernels themselves (``attention_dropout``,
+    ``hidden_dropout``, ``activation_dropout``, ``*_pdrop``...).
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            yield name, module, "p", module.p
+        for attribute, value in list(vars(module).items()):
+            if ("dropout" in attribute or attribute.endswith("_pdrop")) and isinstance(value, float):
+                yield name, module, attribute, value
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0, so that policy and reference agree exactly at step 0.
 
-    Covers dropout modules and the float rates that many transformers layers pass to
-    ``F.dropout`` or attention kernels themselves (``attention_dropout``, ``dropout``,
-    ``hidden_dropout``, ``activation_dropout``...). The model's config is left as it is.
+    The model's config is left as it is.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float) and value != 0.0:
-                setattr(module, name, 0.0)
+    for _, module, attribute, value in list(dropout_rates(model)):
+        if value != 0.0:
+            setattr(module, attribute, 0.0)
 
 
 def freeze(model: nn.Module) -> nn.Module:
