@@ -93,6 +93,12 @@ def check_launch(trainer) -> None:
                 "ZeRO-3 without stage3_gather_16bit_weights_on_model_save: save_model() would write no weights. Set it "
                 "to true in the DeepSpeed config (zero3_save_16bit_model: true in an accelerate config)"
             )
+    if engine == "zero3" and args.precompute_ref_logps and getattr(trainer, "reference_mode", None) == "adapter":
+        raise EngineError(
+            "precompute_ref_logps with the adapter reference under ZeRO-3: the reference pass runs at construction, "
+            "before the policy is inside its engine, so its partitioned weights cannot run. Pass a separate ref_model "
+            "(it gets its own inference engine), or turn precompute_ref_logps off"
+        )
     if engine.startswith("zero") and getattr(args, "nonfinite_loss", "error") == "skip":
         raise EngineError(
             "nonfinite_loss='skip' cannot work under DeepSpeed: the engine owns the gradients and steps the optimizer "

@@ -14,6 +14,7 @@ FSDP only on GPU-like devices, so its state is switched to FSDP by hand.
 """
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -111,6 +112,15 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
                 self.records.append(torch.stack([batch["row_ids"].double(), sums[:n].double(), sums[n:].double()], 1))
             return result
 
+    class Messages(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    messages = []
+    guards_logger = logging.getLogger("hf_dpo.guards")
+    guards_logger.setLevel(logging.INFO)
+    handler = Messages()
+    guards_logger.addHandler(handler)
     trainer = Recorder(
         model=model, args=args, train_dataset=str(fixture / "train.jsonl"), eval_dataset=str(fixture / "eval.jsonl"),
         processing_class=tokenizer, **kwargs,
@@ -121,6 +131,9 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
         result["ref_numel"] = trainer.accelerator.gather(counts).tolist()  # per rank: [local, full]
         result["ref_shapes"] = [list(getattr(p, "ds_shape", p.shape)) for p in unwrap_engine(trainer.ref_model).parameters()]
     trainer.train(resume_from_checkpoint=resume)
+    guards_logger.removeHandler(handler)
+    # The first-step guard ran under this engine and found ln 2 (a resumed run has no first step).
+    result["self_check_passed"] = any(m.startswith("self-check passed") for m in messages)
     result["losses"] = {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
     rows = torch.cat(Recorder.records)
     result["ref_rows"] = trainer.accelerator.gather(rows).tolist()

@@ -146,6 +146,9 @@ def test_two_processes_match_one_process(engine, fixture_dir, baseline, tmp_path
         assert abs(run["eval"][key] - reloaded[key]) < TOL, key
         assert abs(run["eval"][key] - single["eval"][key]) < 1e-4, key
 
+    # The first-step self-check ran and passed in every fresh run, under the engine as in one process.
+    assert single["self_check_passed"] and run["self_check_passed"] and result["adapter"]["self_check_passed"]
+
     # Resume from checkpoint-2 reproduces steps 3 and 4.
     assert_losses_equal(result["resume"]["losses"], run["losses"], steps=(3, 4))
 
