@@ -66,6 +66,8 @@ def refuse_partitioned_copy(model: nn.Module) -> None:
 
 def check_launch(trainer) -> None:
     """Raise :class:`EngineError` when the launch asks for an engine or a world size that accelerate did not set up."""
+    from accelerate.utils import DistributedType
+
     args, accelerator = trainer.args, trainer.accelerator
     engine = engine_of(trainer)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +79,7 @@ def check_launch(trainer) -> None:
             "with the gloo backend first (docs/distributed.md)"
         )
     wants_fsdp = bool(getattr(args, "fsdp", None)) or _env_true("ACCELERATE_USE_FSDP")
-    if wants_fsdp and str(accelerator.distributed_type) not in ("DistributedType.FSDP", "FSDP"):
+    if wants_fsdp and accelerator.distributed_type != DistributedType.FSDP:
         raise EngineError(
             f"FSDP was asked for (fsdp= or an FSDP accelerate config) but accelerate runs {accelerator.distributed_type}: "
             "the model would not be sharded and, on CPU, gradients would not be synchronised. accelerate enables FSDP "
