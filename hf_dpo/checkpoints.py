@@ -107,6 +107,8 @@ def checkpoint_problems(directory: Union[str, os.PathLike], require_optimizer: b
     if require_optimizer and not sharded_optimizer:
         for name in OPTIMIZER_FILES:
             path = directory / name
+            if name == "optimizer.pt" and not path.is_file() and (directory / "optimizer.bin").is_file():
+                path = directory / "optimizer.bin"  # FSDP's full optimizer state (accelerate's save_fsdp_optimizer)
             problem = f"{name} is missing" if not path.is_file() else _file_problem(path)
             if problem:
                 problems.append(problem)

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .collator import PASSTHROUGH_FLOAT_COLUMNS
+from .engines import full_tensors, unwrap_engine
 from .reference import adapter_disabled
 from .tokenization import TOKENIZED_COLUMNS
 
@@ -73,11 +74,12 @@ def model_fingerprint(model: nn.Module, frozen_only: bool = False) -> str:
     (adapter disabled) the trainable adapter must not change the key.
     """
     digest = hashlib.blake2b(digest_size=16)
-    config = getattr(model, "config", None)
+    config = getattr(unwrap_engine(model), "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         digest.update(config.to_json_string(use_diff=False).encode())
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if frozen_only and tensor.requires_grad:
+    trainable = {name for name, tensor in unwrap_engine(model).named_parameters() if tensor.requires_grad}
+    for name, tensor in full_tensors(model):  # gathered one at a time when sharded (ZeRO-3, FSDP2)
+        if frozen_only and name in trainable:
             continue
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from .engines import refuse_partitioned_copy
 from .losses import get_loss
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def build_reference_model(model: nn.Module, ref_model: Optional[nn.Module], mode
     if mode != "model":
         return None
     if ref_model is None:
+        refuse_partitioned_copy(model)
         logger.info("no ref_model given: using a frozen copy of the initial policy as the reference")
         ref_model = copy.deepcopy(model)
     return freeze(ref_model)

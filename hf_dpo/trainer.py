@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainin
 from .checkpoints import resolve_resume_checkpoint
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
+from .engines import EngineCheck, check_launch, prepare_reference
 from .guards import install_guards
 from .logprobs import sequence_logps
 from .losses import preference_loss, sft_nll
@@ -121,8 +122,10 @@ class NormalizedDPOTrainer(Trainer):
         self._metric_key_prefix: Optional[str] = None  # set while evaluate() runs
         self.add_callback(DataReportCallback(self))
         self.guards = install_guards(self)  # non-finite loss, first-step ln 2 check, beta warning
+        check_launch(self)  # refuses a launch that asked for an engine it would not get
+        self.add_callback(EngineCheck(self))
         if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
+            self.ref_model = prepare_reference(self, self.ref_model)  # sharded like the policy: hf_dpo/engines.py
         if wants_length_grouping(args):
             self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, args.share_prompt)
         if args.precompute_ref_logps:
