@@ -218,7 +218,6 @@ def read_preference_rows(
         raise ValueError(f"on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
     report = DataReport()
     rows: list[dict[str, Any]] = []
-    family: Optional[tuple[str, str]] = None  # ("messages"|"strings", where it was first seen)
     offset = 0
     for label, items in _rows_of(source, split, {"name": name, "data_files": data_files, "revision": revision}):
         report.sources.append(label)
@@ -230,14 +229,8 @@ def read_preference_rows(
             try:
                 if isinstance(raw, DataError):
                     raise raw
+                # Each row is canonicalised on its own, so the layouts may be mixed in one source (counted per layout).
                 canonical = validate_row(raw)
-                kind = "strings" if canonical["layout"] == "string" else "messages"
-                if family is None:
-                    family = (kind, f"{label}:{line}")
-                elif kind != family[0]:
-                    raise DataError(
-                        f"mixed layouts: this row uses {kind} but {family[1]} uses {family[0]}", code="mixed_layouts"
-                    )
             except DataError as err:
                 located = err.at(label, line)
                 if on_bad_row == "error" and err.code not in UNTRAINABLE:
@@ -248,6 +241,7 @@ def read_preference_rows(
             if _extra_message_keys(raw):
                 report.counters["ignored_message_keys"] += 1
             canonical["row_id"] = offset + line
+            report.counters[f"layout_{canonical['layout']}"] += 1
             rows.append(canonical)
         # Ids stay unique across the files of a directory: the next file starts past this one's last line.
         offset += last_line

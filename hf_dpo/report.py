@@ -61,6 +61,10 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
             lines.append(f"  skipped     {code:<{width}} {count:>6}  e.g. {examples}")
     else:
         lines.append("  skipped     none")
+    layouts = {key[len("layout_"):]: n for key, n in counters.items() if key.startswith("layout_") and n}
+    if len(layouts) > 1:
+        # String rows are concatenated raw, message rows go through the chat template: say that both kinds are here.
+        lines.append("  layouts     " + ", ".join(f"{name} {n}" for name, n in sorted(layouts.items())) + " (detected per row)")
     lines.append(
         f"  truncated   prompts {counters.get('prompts_truncated', 0)} (oldest tokens dropped), "
         f"responses {counters.get('responses_truncated', 0)} (cut from the right)"
