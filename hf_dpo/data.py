@@ -258,12 +258,16 @@ def _nothing_kept(report: DataReport) -> str:
 
 
 def _extra_message_keys(raw: dict[str, Any]) -> set[str]:
-    """Message keys other than role and content (e.g. ``name``, ``tool_calls``); they are not rendered."""
+    """Message keys other than role and content (e.g. ``name``, ``tool_calls``); they are not rendered.
+
+    Keys whose value is None do not count: Arrow sources (parquet, the hub) give every
+    message every key that any message of the column has, filled with None.
+    """
     keys: set[str] = set()
     for side in ("prompt", "chosen", "rejected"):
         if isinstance(raw.get(side), list):
             for message in raw[side]:
-                keys.update(k for k in message if k not in ("role", "content"))
+                keys.update(k for k, v in message.items() if k not in ("role", "content") and v is not None)
     return keys
 
 

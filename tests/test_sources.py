@@ -102,3 +102,15 @@ def test_existing_local_path_wins_and_missing_paths_name_themselves(monkeypatch,
             load_preference_dataset(missing)
     with pytest.raises(ValueError, match=r"org/name: data_files, revision apply to hub names and data set folders"):
         load_preference_dataset("org/name", data_files="x.parquet", revision="main")
+
+
+def test_arrow_null_filled_message_keys_are_not_counted_as_ignored(tmp_path):
+    """Parquet gives every message the union of keys, None-filled: only a real extra value counts."""
+    named = pair(1)
+    named["chosen"] = [{"role": "assistant", "content": "yes 1", "name": "bot"}]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    datasets.Dataset.from_list([pair(0), named, pair(2)]).to_parquet(str(folder / "train-00000-of-00001.parquet"))
+    ds = load_preference_dataset(str(tmp_path))
+    assert answers(ds) == ["yes 0", "yes 1", "yes 2"]
+    assert data_report(ds).counters["ignored_message_keys"] == 1
