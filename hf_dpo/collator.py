@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Per-pair float columns that travel from the data set to the trainer untouched
 # (cached reference log-prob sums, see reference.py).
@@ -22,6 +26,28 @@ def pair_columns(features: list[dict[str, Any]], passthrough_columns: tuple[str,
             # float64: cached reference sums keep the precision score() accumulated them in.
             extras[name] = torch.tensor([f[name] for f in features], dtype=torch.float64)
     return extras
+
+
+def check_pad_token_id(pad_token_id: Any, collator: str) -> None:
+    """Refuse a missing pad id when the collator is built, not at the first batch (``torch.full`` would fail there)."""
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
+        raise ValueError(
+            f"{collator}(pad_token_id={pad_token_id!r}): expected an integer token id. The tokenizer has no pad token "
+            f"(common for Llama and Mistral base tokenizers): pass pad_token_id=tokenizer.eos_token_id (padding is never "
+            f"scored: masks come from the attention and response masks, not from pad ids), or set tokenizer.pad_token"
+        )
+
+
+def default_pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its EOS id (logged) when it has no pad token; padding positions are never scored."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token: set tokenizer.pad_token, or pass a data_collator")
+    logger.warning(
+        "the tokenizer has no pad token: padding with its EOS token (id %d); padding is never scored", tokenizer.eos_token_id
+    )
+    return tokenizer.eos_token_id
 
 
 def _round_up(length: int, multiple: Optional[int]) -> int:
@@ -49,11 +75,17 @@ class DPOCollator:
 
     There is deliberately no ``labels`` key: Trainer treats a batch with labels
     as token-normalized and would change how it scales accumulated losses.
+
+    ``pad_token_id`` must be an integer; ``None`` (a tokenizer without a pad token)
+    raises ``ValueError`` here, naming the fix (use ``tokenizer.eos_token_id``).
     """
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
     passthrough_columns: tuple[str, ...] = field(default=PASSTHROUGH_FLOAT_COLUMNS)
+
+    def __post_init__(self):
+        check_pad_token_id(self.pad_token_id, type(self).__name__)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         sequences = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]

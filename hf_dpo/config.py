@@ -66,7 +66,11 @@ class DPOConfig(TrainingArguments):
         default=1024, metadata={"help": "Longest prompt + response in tokens; responses are cut from the right to fit."}
     )
     max_prompt_length: Optional[int] = field(
-        default=512, metadata={"help": "Longest prompt in tokens; longer prompts lose their oldest tokens first."}
+        default=None,
+        metadata={
+            "help": "Longest prompt in tokens; longer prompts lose their oldest tokens first. Default: half of "
+            "max_length (512 for 1024), so that max_length alone is always valid; no limit when max_length is unset."
+        },
     )
     completion_turns: str = field(
         default="last",
@@ -197,6 +201,12 @@ class DPOConfig(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {value}")
+        # Unset: half the budget, as TRL's 512/1024; an explicit value that leaves no room is still refused below.
+        self.max_prompt_length_is_default = self.max_prompt_length is None
+        if self.max_prompt_length is None and self.max_length is not None:
+            if self.max_length < 2:
+                raise ValueError(f"--max_length must be at least 2 (one prompt and one response token), got {self.max_length}")
+            self.max_prompt_length = self.max_length // 2
         if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length ({self.max_length}) "

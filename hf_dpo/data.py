@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import datasets
 
 from .rows import MESSAGE_LAYOUTS, ROLES, UNTRAINABLE, DataError, detect_layout, validate_row
+from .sources import open_with_datasets, source_kind
 
 logger = logging.getLogger(__name__)
 
@@ -165,34 +166,49 @@ def _files_in(directory: Path) -> list[Path]:
     return files
 
 
-def _rows_of(source: Any, split: Optional[str]) -> Iterable[tuple[str, Iterable[tuple[int, Any]]]]:
-    """Yield ``(source label, iterator of (row id, raw row))`` for every part of ``source``."""
+def _rows_of(source: Any, split: Optional[str], hub_options: Optional[dict] = None) -> Iterable[tuple[str, Iterable[tuple[int, Any]]]]:
+    """Yield ``(source label, iterator of (row id, raw row))`` for every part of ``source``.
+
+    ``hub_options`` (``name``, ``data_files``, ``revision``) go to ``datasets.load_dataset``;
+    which reader a string source goes to is decided in :func:`hf_dpo.sources.source_kind`.
+    """
+    hub_options = {k: v for k, v in (hub_options or {}).items() if v is not None}
     if isinstance(source, (datasets.Dataset, list)):
         label = "<dataset>" if isinstance(source, datasets.Dataset) else "<rows>"
         yield label, enumerate(source)
         return
     if isinstance(source, datasets.DatasetDict):
-        if split is None:
+        if split is None and "train" not in source:
             raise ValueError(f"a DatasetDict needs split=; available: {list(source)}")
-        yield f"<dataset:{split}>", enumerate(source[split])
+        yield f"<dataset:{split or 'train'}>", enumerate(source[split or "train"])
         return
-    path = Path(os.fspath(source))
-    if path.is_dir():
-        for file in _files_in(path):
+    text = os.fspath(source)
+    kind = source_kind(text)
+    if kind in ("rows_file", "rows_dir"):
+        if hub_options:
+            # Never silently ignored: these options mean nothing to a JSON Lines file.
+            raise ValueError(f"{text}: {', '.join(sorted(hub_options))} apply to hub names and data set folders, not to .jsonl/.json files")
+        path = Path(text).expanduser()
+        for file in _files_in(path) if kind == "rows_dir" else [path]:
             yield str(file), _iter_file(file)
-    elif path.is_file():
-        yield str(path), _iter_file(path)
-    elif path.suffix in (".jsonl", ".json") or os.sep in str(source):
-        raise FileNotFoundError(f"preference data file not found: {path}")
-    else:
-        hub = datasets.load_dataset(str(source), split=split or "train")
-        yield f"{source}:{split or 'train'}", enumerate(hub)
+        return
+    label, data = open_with_datasets(kind, text, split, **hub_options)
+    yield label, enumerate(data)
 
 
 def read_preference_rows(
-    source: Union[str, os.PathLike, datasets.Dataset, list], split: Optional[str] = None, on_bad_row: str = "error"
+    source: Union[str, os.PathLike, datasets.Dataset, list],
+    split: Optional[str] = None,
+    on_bad_row: str = "error",
+    *,
+    name: Optional[str] = None,
+    data_files: Any = None,
+    revision: Optional[str] = None,
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Validate every row of ``source``; return the canonical rows and the report.
+
+    ``name`` (the data set's config), ``data_files`` and ``revision`` are passed to
+    ``datasets.load_dataset`` for hub names and local data set folders.
 
     ``on_bad_row="error"`` raises the first structural error; ``"skip"`` counts
     it per reason instead. Untrainable pairs are always skipped and counted.
@@ -202,9 +218,8 @@ def read_preference_rows(
         raise ValueError(f"on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
     report = DataReport()
     rows: list[dict[str, Any]] = []
-    family: Optional[tuple[str, str]] = None  # ("messages"|"strings", where it was first seen)
     offset = 0
-    for label, items in _rows_of(source, split):
+    for label, items in _rows_of(source, split, {"name": name, "data_files": data_files, "revision": revision}):
         report.sources.append(label)
         report.offsets.append(offset)
         last_line = 0
@@ -214,14 +229,8 @@ def read_preference_rows(
             try:
                 if isinstance(raw, DataError):
                     raise raw
+                # Each row is canonicalised on its own, so the layouts may be mixed in one source (counted per layout).
                 canonical = validate_row(raw)
-                kind = "strings" if canonical["layout"] == "string" else "messages"
-                if family is None:
-                    family = (kind, f"{label}:{line}")
-                elif kind != family[0]:
-                    raise DataError(
-                        f"mixed layouts: this row uses {kind} but {family[1]} uses {family[0]}", code="mixed_layouts"
-                    )
             except DataError as err:
                 located = err.at(label, line)
                 if on_bad_row == "error" and err.code not in UNTRAINABLE:
@@ -232,6 +241,7 @@ def read_preference_rows(
             if _extra_message_keys(raw):
                 report.counters["ignored_message_keys"] += 1
             canonical["row_id"] = offset + line
+            report.counters[f"layout_{canonical['layout']}"] += 1
             rows.append(canonical)
         # Ids stay unique across the files of a directory: the next file starts past this one's last line.
         offset += last_line
@@ -248,12 +258,16 @@ def _nothing_kept(report: DataReport) -> str:
 
 
 def _extra_message_keys(raw: dict[str, Any]) -> set[str]:
-    """Message keys other than role and content (e.g. ``name``, ``tool_calls``); they are not rendered."""
+    """Message keys other than role and content (e.g. ``name``, ``tool_calls``); they are not rendered.
+
+    Keys whose value is None do not count: Arrow sources (parquet, the hub) give every
+    message every key that any message of the column has, filled with None.
+    """
     keys: set[str] = set()
     for side in ("prompt", "chosen", "rejected"):
         if isinstance(raw.get(side), list):
             for message in raw[side]:
-                keys.update(k for k in message if k not in ("role", "content"))
+                keys.update(k for k, v in message.items() if k not in ("role", "content") and v is not None)
     return keys
 
 
@@ -261,16 +275,27 @@ REPORT_MARKER = "hf_dpo.data_report="
 
 
 def load_preference_dataset(
-    source: Union[str, os.PathLike, datasets.Dataset, list], split: Optional[str] = None, on_bad_row: str = "error"
+    source: Union[str, os.PathLike, datasets.Dataset, list],
+    split: Optional[str] = None,
+    on_bad_row: str = "error",
+    *,
+    name: Optional[str] = None,
+    data_files: Any = None,
+    revision: Optional[str] = None,
 ) -> datasets.Dataset:
-    """Load preference rows from a JSONL/JSON file or directory, a ``datasets.Dataset``, a list, or a hub name.
+    """Load preference rows from a JSONL/JSON file or directory, a ``save_to_disk`` or parquet folder, a
+    ``datasets.Dataset``/``DatasetDict``, a list, or a hub name (``org/name``).
+
+    ``split`` (default ``"train"``), ``name`` (the config), ``data_files`` and ``revision`` are
+    those of ``datasets.load_dataset``; an existing local path wins over a hub name
+    (rules: :mod:`hf_dpo.sources`).
 
     Returns a ``datasets.Dataset`` in the canonical layout (see module docstring).
     Bad rows raise :class:`DataError` naming ``file:line: field: reason``, or are
     counted and skipped with ``on_bad_row="skip"``; the counts travel with the
     data set and are read back by :func:`data_report`.
     """
-    rows, report = read_preference_rows(source, split=split, on_bad_row=on_bad_row)
+    rows, report = read_preference_rows(source, split=split, on_bad_row=on_bad_row, name=name, data_files=data_files, revision=revision)
     if report.rows_skipped:
         logger.warning(
             "skipped %d of %d rows: %s",

@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 import torch
 
-from .collator import PASSTHROUGH_FLOAT_COLUMNS, DPOCollator, _round_up, pair_columns
+from .collator import PASSTHROUGH_FLOAT_COLUMNS, DPOCollator, _round_up, check_pad_token_id, pair_columns
 
 Tensor = torch.Tensor
 
@@ -150,6 +150,9 @@ class PackedDPOCollator:
     pad_to_multiple_of: Optional[int] = None
     max_row_tokens: Optional[int] = None
     passthrough_columns: tuple[str, ...] = field(default=PASSTHROUGH_FLOAT_COLUMNS)
+
+    def __post_init__(self):
+        check_pad_token_id(self.pad_token_id, type(self).__name__)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         n_pairs = len(features)

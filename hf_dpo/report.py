@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import Optional, Sequence
 
 from transformers import TrainerCallback
@@ -61,6 +62,10 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
             lines.append(f"  skipped     {code:<{width}} {count:>6}  e.g. {examples}")
     else:
         lines.append("  skipped     none")
+    layouts = {key[len("layout_"):]: n for key, n in counters.items() if key.startswith("layout_") and n}
+    if len(layouts) > 1:
+        # String rows are concatenated raw, message rows go through the chat template: say that both kinds are here.
+        lines.append("  layouts     " + ", ".join(f"{name} {n}" for name, n in sorted(layouts.items())) + " (detected per row)")
     lines.append(
         f"  truncated   prompts {counters.get('prompts_truncated', 0)} (oldest tokens dropped), "
         f"responses {counters.get('responses_truncated', 0)} (cut from the right)"
@@ -88,12 +93,81 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
     return "\n".join(lines)
 
 
+# Counters that mean the data was changed or dropped on the way to the loss: the report is then a WARNING.
+ANOMALY_COUNTERS = ("prompts_truncated", "responses_truncated", "boundary_merges", "special_token_text")
+# More than this share of pairs truncated gets its own WARNING (the report alone is easy to scroll past).
+TRUNCATION_WARNING_FRACTION = 0.05
+
+
+def is_anomalous(report: DataReport) -> bool:
+    """Whether rows were skipped or changed: skips, truncation, boundary merges, special-token text, template rewrites."""
+    counters = report.counters
+    return bool(report.rows_skipped) or any(counters.get(key) for key in ANOMALY_COUNTERS) or any(
+        n for key, n in counters.items() if key.startswith("template_rewrite")
+    )
+
+
+def truncated_pairs(report: DataReport, dataset=None) -> tuple[int, int]:
+    """``(pairs truncated, pairs)`` of the kept pairs.
+
+    Exact from the tokenized ``dataset`` (a pair is truncated when a side is shorter than
+    its prompt + response before truncation); without it, a lower bound from the counters.
+    """
+    columns = ("chosen_input_ids", "rejected_input_ids", *LENGTH_COLUMNS)
+    if dataset is not None and set(columns) <= set(getattr(dataset, "column_names", ())) and len(dataset):
+        import pyarrow.compute as pc
+
+        truncated = 0
+        for table in dataset.select_columns(list(columns)).with_format("arrow").iter(batch_size=8192):
+            prompt = table["prompt_tokens"]
+            cut = pc.or_(
+                pc.less(pc.list_value_length(table["chosen_input_ids"]), pc.add(prompt, table["chosen_tokens"])),
+                pc.less(pc.list_value_length(table["rejected_input_ids"]), pc.add(prompt, table["rejected_tokens"])),
+            )
+            truncated += pc.sum(cut.cast("int64")).as_py() or 0
+        return truncated, len(dataset)
+    counters = report.counters
+    pairs = counters.get("pairs_tokenized", report.rows_kept)
+    return min(pairs, max(counters.get("prompts_truncated", 0), -(-counters.get("responses_truncated", 0) // 2))), pairs
+
+
+def _stderr_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)  # sys.stderr as it is now (pytest's capture, a redirected stream)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
+    return handler
+
+
+def emit(level: int, message: str, *args) -> None:
+    """Log ``message`` on ``hf_dpo.report``; with no logging configured anywhere, write it to stderr instead.
+
+    Python drops INFO records (and formats WARNINGs bare) when no handler is configured, so the
+    report would be invisible to a user who never called ``logging.basicConfig``. When any
+    handler is configured (the user's, Trainer's, pytest's) the record goes through it
+    alone, at its level, so it is never printed twice.
+    """
+    if logger.hasHandlers():
+        logger.log(level, message, *args)
+        return
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, args, None)
+    _stderr_handler().handle(record)
+
+
 def log_data_reports(trainer) -> None:
-    """Log one report per split the trainer prepared; WARNING when rows were skipped, INFO otherwise."""
+    """Log one report per split the trainer prepared (WARNING when anything was skipped or changed, INFO otherwise),
+    and a separate WARNING when truncation touched more than a few percent of the pairs."""
+    args = getattr(trainer, "args", None)
     for name, report in getattr(trainer, "data_reports", {}).items():
         dataset = _split_dataset(trainer, name)
-        level = logging.WARNING if report.rows_skipped else logging.INFO
-        logger.log(level, "\n%s", format_data_report(report, name, dataset))
+        emit(logging.WARNING if is_anomalous(report) else logging.INFO, "\n%s", format_data_report(report, name, dataset))
+        truncated, pairs = truncated_pairs(report, dataset)
+        if pairs and truncated / pairs > TRUNCATION_WARNING_FRACTION:
+            emit(
+                logging.WARNING,
+                "%s data: truncation touched %s of %d pairs (%.0f%%) at max_length=%s, max_prompt_length=%s; the loss "
+                "sees cut prompts and answers: raise the limits if this is not intended",
+                name, "all" if truncated == pairs else truncated, pairs, 100 * truncated / pairs,
+                getattr(args, "max_length", None), getattr(args, "max_prompt_length", None),
+            )
 
 
 def _split_dataset(trainer, name: str):

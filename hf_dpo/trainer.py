@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
 from .checkpoints import resolve_resume_checkpoint
+from .collator import default_pad_token_id
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
 from .engines import EngineCheck, check_launch, prepare_reference
@@ -97,8 +98,7 @@ class NormalizedDPOTrainer(Trainer):
         if data_collator is None:
             if tokenizer is None:
                 raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            data_collator = build_collator(pad_id, args)  # DPOCollator unless padding_free / share_prompt
+            data_collator = build_collator(default_pad_token_id(tokenizer), args)  # DPOCollator unless padding_free / share_prompt
         self.data_reports = {}
         train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):

@@ -1,5 +1,7 @@
 """DPOCollator on hand-written pairs: explicit expected tensors."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,3 +123,42 @@ def test_mismatched_mask_length_raises():
     # Row 3 of the stacked batch is pair 1's rejected side.
     with pytest.raises(ValueError, match="row 3: input_ids has 2 tokens but its response mask has 3"):
         DPOCollator(pad_token_id=PAD)(bad)
+
+
+@pytest.mark.parametrize("pad", [None, "0", 1.0, True])
+def test_missing_pad_token_id_is_refused_at_construction_naming_the_fix(pad):
+    """A tokenizer without a pad token gives pad_token_id=None: refused here, not at the first step inside torch.full."""
+    from hf_dpo.packing import PackedDPOCollator
+
+    with pytest.raises(ValueError, match=r"DPOCollator\(pad_token_id=.*pass pad_token_id=tokenizer.eos_token_id"):
+        DPOCollator(pad_token_id=pad)
+    for options in ({"padding_free": True}, {"share_prompt": True}):
+        with pytest.raises(ValueError, match=r"PackedDPOCollator\(pad_token_id=.*tokenizer.eos_token_id"):
+            PackedDPOCollator(pad_token_id=pad, **options)
+
+
+def test_trainer_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, caplog):
+    """The default collator falls back to EOS and says so once; the run trains and pads with the EOS id."""
+    import logging
+
+    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+
+    tokenizer = build_tokenizer("chatml")
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None
+    args = DPOConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, max_length=64, learning_rate=1e-3,
+    )
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
+    with caplog.at_level(logging.WARNING, logger="hf_dpo.collator"):
+        trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(6, seed=0), processing_class=tokenizer)
+    messages = [r.getMessage() for r in caplog.records if r.name == "hf_dpo.collator"]
+    assert messages == [f"the tokenizer has no pad token: padding with its EOS token (id {tokenizer.eos_token_id}); padding is never scored"]
+    assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    assert (batch["attention_mask"] == 0).any()  # the batch has padding, and it is the EOS id
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.eos_token_id).all()
+    output = trainer.train()
+    assert output.global_step == 2 and math.isfinite(output.training_loss)

@@ -18,6 +18,23 @@ def test_defaults(tmp_path):
     assert (args.max_length, args.max_prompt_length, args.label_smoothing, args.sft_weight) == (1024, 512, 0.0, 0.0)
 
 
+def test_max_length_alone_is_always_valid(tmp_path):
+    """Unset max_prompt_length is half of max_length (TRL users with max_length <= 512 hit the old fixed 512)."""
+    args = DPOConfig(output_dir=str(tmp_path), max_length=128)
+    assert (args.max_length, args.max_prompt_length, args.max_prompt_length_is_default) == (128, 64, True)
+    assert DPOConfig(output_dir=str(tmp_path), max_length=3).max_prompt_length == 1
+    assert DPOConfig(output_dir=str(tmp_path), max_length=None).max_prompt_length is None  # no limit at all
+    explicit = DPOConfig(output_dir=str(tmp_path), max_length=128, max_prompt_length=100)
+    assert (explicit.max_prompt_length, explicit.max_prompt_length_is_default) == (100, False)
+    (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--max_length", "256"])
+    assert parsed.max_prompt_length == 128
+    # An explicit value that conflicts is still refused, and so is a max_length with no room for both parts.
+    with pytest.raises(ValueError, match=r"--max_prompt_length \(128\) must be below --max_length \(128\)"):
+        DPOConfig(output_dir=str(tmp_path), max_length=128, max_prompt_length=128)
+    with pytest.raises(ValueError, match="--max_length must be at least 2"):
+        DPOConfig(output_dir=str(tmp_path), max_length=1)
+
+
 def test_beta_default_follows_length_normalize(tmp_path):
     """Per-token log-ratios are ~|y| times smaller than summed ones: 2.0 for the mean, 0.1 for the sum."""
     summed = DPOConfig(output_dir=str(tmp_path), length_normalize=False)

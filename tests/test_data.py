@@ -137,3 +137,35 @@ def test_error_names_file_line_field_reason(tmp_path, monkeypatch):
     report = data_report(ds)
     assert len(ds) == 2 and report.rows_skipped == 1
     assert report.skipped == {info.value.code: 1} and report.skip_examples[info.value.code] == ["prefs.jsonl:3"]
+
+
+def test_the_readme_layouts_pasted_into_one_file_load_and_tokenize(tmp_path):
+    """README's Data block says 'detected per row': its three lines in one file are three rows, each in its own layout."""
+    from pathlib import Path
+
+    from hf_dpo import tokenize_dataset
+    from hf_dpo.demo import build_tokenizer
+    from hf_dpo.report import format_data_report
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    data_section = readme[readme.index("## Data"):]
+    block = data_section[data_section.index("```jsonl\n") + len("```jsonl\n"):]
+    block = block[: block.index("```")]
+    assert "detected per row" in data_section[: data_section.index("```jsonl")]
+    path = tmp_path / "readme.jsonl"
+    path.write_text(block, encoding="utf-8")
+    ds = load_preference_dataset(str(path))
+    assert [r["layout"] for r in ds] == ["minimind", "conversational", "string"]
+    report = data_report(ds)
+    assert {k: v for k, v in report.counters.items() if k.startswith("layout_")} == {"layout_minimind": 1, "layout_conversational": 1, "layout_string": 1}
+    assert "  layouts     conversational 1, minimind 1, string 1 (detected per row)" in format_data_report(report).splitlines()
+
+    tokenizer = build_tokenizer("chatml")
+    tokenized, _ = tokenize_dataset(ds, tokenizer, max_length=128, max_prompt_length=64)
+    # Message rows go through the chat template, the string row is concatenated raw with EOS appended.
+    chosen = [tokenizer.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in zip(tokenized["chosen_input_ids"], tokenized["chosen_response_mask"])]
+    prompts = [tokenizer.decode(ids[:n]) for ids, n in zip(tokenized["chosen_input_ids"], tokenized["prompt_length"])]
+    assert prompts[0] == prompts[1] == tokenizer.apply_chat_template([user("Opposite of hot?")], tokenize=False, add_generation_prompt=True)
+    assert prompts[2] == "Opposite of hot?"
+    assert chosen[2] == " Cold." + tokenizer.eos_token
+    assert chosen[0] == chosen[1] and chosen[0].startswith("Cold.")

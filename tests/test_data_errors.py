@@ -49,7 +49,6 @@ BAD_ROWS = [
     ("whitespace_response", json.dumps({"prompt": "q", "chosen": " \n\t", "rejected": "b"}), "chosen: is empty or whitespace only", "empty_content"),
     ("sft_conversations_row", json.dumps({"conversations": [Q, assistant("a")]}), "not a preference row: no 'chosen' and no 'rejected' (keys present: 'conversations')", "missing_field"),
     ("string_prompt_message_sides", json.dumps({"prompt": "q", "chosen": [assistant("a")], "rejected": [assistant("b")]}), "chosen: is a list of messages but 'prompt' is a string; use one layout for all three fields (strings, or lists of messages)", "mixed_layouts"),
-    ("mixed_layouts", json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}), "mixed layouts: this row uses strings but {path}:1 uses messages", "mixed_layouts"),
     ("lone_surrogate", '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\ud800"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}', "chosen[1].content: contains a lone surrogate (invalid Unicode)", "invalid_text"),
     ("not_an_object", "[1, 2]", "expected a JSON object, got list", "not_an_object"),
 ]

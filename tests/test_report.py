@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -92,7 +93,12 @@ def test_trainer_logs_the_report_once_when_training_starts(known_file, tmp_path,
         trainer.train()
         trainer.train()  # a second call does not repeat it
     records = [r for r in caplog.records if r.name == "hf_dpo.report"]
-    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.WARNING, "\n" + expected_report(known_file))]
+    # Lines 6 (prompt 33 > 12 tokens) and 8 (14-token answer) are cut: 2 of the 5 kept pairs, over 5%, so a warning too.
+    assert [(r.levelno, r.getMessage()) for r in records] == [
+        (logging.WARNING, "\n" + expected_report(known_file)),
+        (logging.WARNING, f"train data: truncation touched 2 of 5 pairs (40%) at max_length={MAX_LENGTH}, max_prompt_length="
+         f"{MAX_PROMPT_LENGTH}; the loss sees cut prompts and answers: raise the limits if this is not intended"),
+    ]
 
 
 def test_clean_data_is_reported_at_info_level(caplog):
@@ -107,3 +113,60 @@ def test_clean_data_is_reported_at_info_level(caplog):
         "  truncated   prompts 0 (oldest tokens dropped), responses 0 (cut from the right)\n"
         "  merges      0 prompt/response token-boundary merge(s), response tokenized apart",
     )]
+
+
+VISIBILITY_SCRIPT = """
+import logging, sys
+from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+if sys.argv[2] == "configured":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="CONFIGURED %(name)s %(levelname)s %(message)s")
+tokenizer = build_tokenizer("chatml")
+for limits in sys.argv[3:]:  # "max_length,max_prompt_length" per run
+    max_length, max_prompt_length = map(int, limits.split(","))
+    print("RUN", limits, file=sys.stderr, flush=True)
+    args = DPOConfig(output_dir=sys.argv[1], max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
+                     use_cpu=True, disable_tqdm=True, max_length=max_length, max_prompt_length=max_prompt_length)
+    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
+    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
+    trainer.train()
+    trainer.train()
+"""
+
+
+def _run_visibility_script(tmp_path, mode, *limits):
+    """stderr of each run of the script, one per ``"max_length,max_prompt_length"``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", VISIBILITY_SCRIPT, str(tmp_path / mode), mode, *limits],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = done.stderr.split("RUN ")[1:]
+    assert [run.split("\n", 1)[0] for run in runs] == list(limits)
+    return runs
+
+
+def test_report_is_visible_without_logging_setup_and_warns_on_heavy_truncation(tmp_path):
+    """No logging configured: the report reaches stderr once anyway (Python would drop an INFO record);
+    max_length=8 / max_prompt_length=4 cuts every pair, which is a WARNING of its own."""
+    clean, cut = _run_visibility_script(tmp_path, "bare", "256,128", "8,4")
+    assert clean.count("data report (train): <rows>") == 1
+    assert "[hf_dpo.report] INFO: \ndata report (train): <rows>\n  rows        8 read, 8 kept, 0 skipped" in clean
+    assert "truncation touched" not in clean
+
+    assert cut.count("data report (train): <rows>") == 1
+    assert "[hf_dpo.report] WARNING: \ndata report (train)" in cut
+    assert "[hf_dpo.report] WARNING: train data: truncation touched all of " in cut
+    assert "(100%) at max_length=8, max_prompt_length=4" in cut
+
+
+def test_report_goes_through_configured_logging_only_once(tmp_path):
+    (err,) = _run_visibility_script(tmp_path, "configured", "256,128")
+    assert err.count("data report (train): <rows>") == 1
+    assert "CONFIGURED hf_dpo.report INFO \ndata report (train): <rows>" in err
+    assert "[hf_dpo.report]" not in err  # our own stderr handler stayed out of it
