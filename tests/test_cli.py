@@ -261,3 +261,46 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
     assert header == {"base_model": "someone/tiny-base", "datasets": ["someone/pairs"], "library_name": "transformers",
                       "tags": ["dpo", "hf_dpo"]}
     assert "| beta | 2 |" in upload["card"] and "| train train_loss |" in upload["card"] and "| train rewards/margins |" in upload["card"]
+
+
+def documented_commands():
+    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the README's and docs/usage.md's bash blocks, as argument lists."""
+    import re
+    import shlex
+
+    commands = []
+    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0].strip()
+                for marker in ("&& hf-dpo", "-m hf_dpo", "hf-dpo"):
+                    if marker in line and "..." not in line:
+                        commands.append(pytest.param(shlex.split(line.split(marker, 1)[1]), id=f"{path.name}:{line[:60]}"))
+                        break
+    return commands
+
+
+@pytest.mark.parametrize("argv", documented_commands())
+def test_documented_command_lines_parse(argv, tmp_path):
+    """The documented flags are all valid together (the hub models and data are not loaded: parsing only)."""
+    from hf_dpo.cli import parse_args
+
+    if argv and argv[0].endswith(".yaml"):  # the usage guide's qwen-dpo.yaml, as printed there
+        import re
+
+        text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+        (tmp_path / argv[0]).write_text(re.search(r"```yaml\n# qwen-dpo.yaml\n(.*?)```", text, re.S).group(1))
+        argv = [str(tmp_path / argv[0]), *argv[1:]]
+    import torch
+
+    shown = " ".join(argv) + ((tmp_path / "qwen-dpo.yaml").read_text() if (tmp_path / "qwen-dpo.yaml").exists() else "")
+    if "bf16" in shown and not torch.cuda.is_available():
+        # GPU commands: every flag parses; TrainingArguments' device check is the only objection on a CPU machine.
+        with pytest.raises(SystemExit, match="doesn't support bf16/gpu"):
+            parse_args(argv)
+    else:
+        parse_args(argv)
+
+
+def test_the_docs_show_hf_dpo_commands():
+    assert len(documented_commands()) >= 6
