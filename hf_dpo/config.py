@@ -8,6 +8,7 @@ from typing import Optional
 from transformers import TrainingArguments
 
 from .losses import LOSS_REGISTRY
+from .trl_compat import accept_trl_names
 
 REFERENCE_CHOICES = ("auto", "model", "adapter", "none")
 COMPLETION_TURNS_CHOICES = ("last", "all")
@@ -24,6 +25,7 @@ def _choices_help(text: str, choices) -> str:
     return f"{text} Choices: {', '.join(choices)}."
 
 
+@accept_trl_names  # DPOConfig(precompute_ref_log_probs=True) and TRL's other names (hf_dpo/trl_compat.py)
 @dataclass
 class DPOConfig(TrainingArguments):
     """Training arguments for :class:`hf_dpo.NormalizedDPOTrainer`.

@@ -24,6 +24,7 @@ from .data import is_canonical, load_preference_dataset
 from .engines import EngineCheck, check_launch, prepare_reference
 from .guards import install_guards
 from .logprobs import sequence_logps
+from .model_card import write_model_card
 from .losses import preference_loss, sft_nll
 from .reference import build_reference_model, disable_dropout, is_peft_model, reference_logp_sums, resolve_reference_mode
 from .packing import build_collator
@@ -134,6 +135,17 @@ class NormalizedDPOTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips partly written checkpoints."""
         return super().train(resolve_resume_checkpoint(resume_from_checkpoint, self.args), *args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, plus the DPO model card (README.md) next to the weights."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            write_model_card(self, output_dir or self.args.output_dir)
+
+    def create_model_card(self, **kwargs) -> None:
+        """The DPO model card (:mod:`hf_dpo.model_card`) in ``output_dir``; ``push_to_hub`` uploads it."""
+        if self.is_world_process_zero():
+            write_model_card(self, self.args.output_dir, **kwargs)
 
     # ------------------------------------------------------------------ data
 

@@ -1,6 +1,5 @@
 """examples/train.py, run as a user runs it: python, accelerate launch (DDP over gloo), LoRA, config files."""
 
-import importlib.util
 import json
 import math
 import os
@@ -36,14 +35,6 @@ def run(command, timeout=300):
 def train_losses(output_dir: Path) -> list[tuple[int, float]]:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-
-
-def load_train_module():
-    spec = importlib.util.spec_from_file_location("example_train", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 def held_out_eval(model, output_dir: Path) -> dict:
@@ -164,7 +155,10 @@ def test_lora_saves_only_the_adapter_which_reproduces_the_policy(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_module():
-    return load_train_module()
+    """The script's logic: hf_dpo/cli.py (examples/train.py only calls it)."""
+    from hf_dpo import cli
+
+    return cli
 
 
 def _as_dicts(parsed):

@@ -1,0 +1,306 @@
+"""The installed ``hf-dpo`` command, run as a user runs it; TRL aliases; model card; resume; TensorBoard; push_to_hub."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+QUICK = ["--max_steps", "6", "--warmup_steps", "0", "--logging_steps", "1", "--max_eval_samples", "32",
+         "--per_device_eval_batch_size", "32", "--per_device_train_batch_size", "8"]
+
+
+@pytest.fixture(scope="session")
+def hf_dpo_command():
+    path = shutil.which("hf-dpo")
+    if path is None:  # not a skip: CI installs the package, so a missing command is a packaging bug
+        pytest.fail("hf-dpo is not on PATH: reinstall the package (pip install -e '.[dev]') so its console script exists")
+    return path
+
+
+def run(command, cwd=ROOT, timeout=300):
+    proc = subprocess.run([str(c) for c in command], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def card_header(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_help_lists_every_option_with_help_text(hf_dpo_command):
+    from hf_dpo.cli import make_parser
+
+    out = run([hf_dpo_command, "--help"]).stdout
+    parser = make_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.option_strings[0] in out, action.dest
+        assert action.help, f"--{action.dest} has no help text"
+    assert "--beta" in out and "--dataset_config" in out and "--dataset_name -> --dataset" in out
+    assert run([sys.executable, "-m", "hf_dpo", "--help"]).stdout == out
+
+
+@pytest.fixture(scope="module")
+def tensorboard_run(hf_dpo_command, tmp_path_factory):
+    """6 steps logged every step, evaluated at the start and at step 4, checkpoints at 2, 4, 6, TensorBoard on."""
+    output_dir = tmp_path_factory.mktemp("tb") / "run"
+    run([hf_dpo_command, "--output_dir", output_dir, *QUICK, "--eval_strategy", "steps", "--eval_steps", "4",
+         "--save_strategy", "steps", "--save_steps", "2", "--report_to", "tensorboard"])
+    return output_dir
+
+
+def read_scalars(log_root: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[str, list[int]] = {}
+    for events in sorted(log_root.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            steps.setdefault(tag, []).extend(e.step for e in accumulator.Scalars(tag))
+    return steps
+
+
+def test_tensorboard_events_under_output_dir_hold_train_and_eval_dpo_metrics(tensorboard_run):
+    output_dir = tensorboard_run
+    assert not (ROOT / "runs").exists() and not (output_dir.parent / "runs").exists()
+    steps = read_scalars(output_dir / "runs")
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "lengths/chosen"):
+        assert sorted(steps[f"train/{key}"]) == [1, 2, 3, 4, 5, 6], key  # one point per logging step
+        # eval_on_start (step 0), eval_steps (4), the final evaluation (6)
+        assert sorted(steps[f"eval/{key}"]) == [0, 4, 6], key
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    first_eval = next(e for e in state["log_history"] if "eval_loss" in e)
+    assert first_eval["step"] == 0 and first_eval["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_model_card_of_a_full_model(tensorboard_run):
+    output_dir = tensorboard_run
+    header = card_header(output_dir / "README.md")
+    assert header["library_name"] == "transformers" and header["tags"] == ["dpo", "hf_dpo"]
+    assert "base_model" not in header and "datasets" not in header  # local paths: named in the text, not linked
+    text = (output_dir / "README.md").read_text()
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    final_eval = [e for e in state["log_history"] if "eval_loss" in e][-1]
+    assert f"| eval loss | {final_eval['eval_loss']:.4g} |" in text
+    for expected in ("| beta | 2 |", "| max_length | 128 |", "| max_prompt_length | 96 |", "| completion_turns | last |",
+                     "| length_normalize | True", "| reference | model", "loss_type | sigmoid", "demo_assets/model",
+                     "demo_assets/train.jsonl", "![training curves](training_curves.png)", "- transformers: ", "- torch: "):
+        assert expected in text, expected
+
+
+def test_resume_true_continues_from_the_newest_checkpoint_and_reproduces_the_losses(hf_dpo_command, tensorboard_run, tmp_path):
+    """The run saved checkpoints 2, 4, 6; without 6 (and the final model), resuming must pick 4 and redo steps 5, 6."""
+    full = json.loads((tensorboard_run / "trainer_state.json").read_text())["log_history"]
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    for name in ("checkpoint-2", "checkpoint-4", "demo_assets"):
+        shutil.copytree(tensorboard_run / name, output_dir / name)
+    proc = run([hf_dpo_command, "--output_dir", output_dir, *QUICK, "--eval_strategy", "steps", "--eval_steps", "4",
+                "--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint", "true", "--log_level", "info"])
+    assert "checkpoint-4" in proc.stderr
+    resumed = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = lambda history: [(e["step"], e["loss"]) for e in history if "loss" in e]  # noqa: E731
+    assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
+    for (step, expected), (_, got) in zip(losses(full), losses(resumed)):
+        assert got == pytest.approx(expected, abs=1e-6), step
+
+
+def test_lora_model_card(hf_dpo_command, tmp_path):
+    output_dir = tmp_path / "lora"
+    run([hf_dpo_command, "--output_dir", output_dir, *QUICK, "--eval_strategy", "no", "--use_peft", "true",
+         "--lora_r", "4", "--lora_alpha", "8", "--plot", "false"])
+    header = card_header(output_dir / "README.md")
+    assert header["library_name"] == "peft" and header["tags"][:2] == ["dpo", "hf_dpo"] and "lora" in header["tags"]
+    text = (output_dir / "README.md").read_text()
+    for expected in ("A LoRA adapter", "| r | 4 |", "| lora_alpha | 8 |", "| reference | adapter", "| beta | 2 |", "eval loss", "- peft: "):
+        assert expected in text, expected
+    assert "training_curves.png" not in text  # --plot false: no picture to show
+
+
+def test_demo_model_on_own_data_with_no_other_flag(hf_dpo_command, tmp_path):
+    """--dataset alone: the demo's defaults, no evaluation (there is no held-out data), outputs/demo under the cwd."""
+    from hf_dpo.demo import make_preference_rows
+
+    with open(tmp_path / "my.jsonl", "w", encoding="utf-8") as f:
+        for row in make_preference_rows(48, seed=5):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    proc = run([hf_dpo_command, "--dataset", "my.jsonl"], cwd=tmp_path)
+    summary = json.loads((tmp_path / "outputs" / "demo" / "summary.json").read_text())
+    assert summary["global_steps"] == 3 and summary["held_out"]["pairs"] == 0  # 48 pairs / 16 per step
+    assert "no evaluation data" in proc.stdout
+
+
+def test_demo_flags_are_checked_against_the_demo_defaults():
+    from hf_dpo.cli import parse_args
+
+    _, _, args = parse_args(["--max_length", "100"])  # the demo's max_prompt_length is 96 (the library's would not fit)
+    assert (args.max_length, args.max_prompt_length) == (100, 96)
+    with pytest.raises(SystemExit, match="max_prompt_length.*96.*defaults of this run you did not set"):
+        parse_args(["--max_length", "64"])
+    _, _, args = parse_args(["--dataset", "my.jsonl"])
+    assert args.eval_strategy == "no" and not args.eval_on_start
+    _, _, args = parse_args(["--resume_from_checkpoint", "true"])
+    assert args.resume_from_checkpoint is True
+
+
+# No "/" in the name: data.py (not this module) reads any name with a path separator as a local file.
+HUB_ROWS = "ultrafeedback_binarized"
+SITECUSTOMIZE = """\
+# The network boundary, for this test only: datasets.load_dataset serves local rows for one hub name.
+import datasets, json
+_real = datasets.load_dataset
+def load_dataset(path, *args, split=None, **kwargs):
+    if path != {name!r}:
+        return _real(path, *args, split=split, **kwargs)
+    rows = [json.loads(line) for line in open({rows!r}, encoding="utf-8")]
+    return datasets.Dataset.from_list(rows[:64] if split == "train" else rows[64:])
+datasets.load_dataset = load_dataset
+"""
+
+
+def test_trl_command_line_runs_with_the_aliases(hf_dpo_command, tmp_path):
+    """A TRL DPO command line (names from TRL's docs), the hub data set patched at datasets.load_dataset."""
+    from hf_dpo.demo import make_preference_rows
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_rows(96, seed=2)), encoding="utf-8")
+    patch_dir = tmp_path / "patch"
+    patch_dir.mkdir()
+    (patch_dir / "sitecustomize.py").write_text(SITECUSTOMIZE.format(name=HUB_ROWS, rows=str(rows)))
+    env_path = os.pathsep.join([str(patch_dir), ENV.get("PYTHONPATH", "")])
+    output_dir = tmp_path / "trl"
+    command = [hf_dpo_command, "--dataset_name", HUB_ROWS, "--dataset_train_split", "train", "--dataset_test_split", "test",
+               "--loss_type", "sigmoid_norm", "--beta", "2.0", "--rpo_alpha", "0.5", "--precompute_ref_log_probs",
+               "--no_remove_unused_columns", "--sync_ref_model", "false", "--learning_rate", "1e-3",
+               "--per_device_train_batch_size", "16", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2",
+               "--logging_steps", "1", "--output_dir", output_dir, "--ref_logps_cache_dir", ""]
+    proc = subprocess.run([str(c) for c in command], cwd=tmp_path, env={**ENV, "PYTHONPATH": env_path},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["held_out"]["pairs"] == 32 and summary["global_steps"] == 4
+    before = summary["held_out"]["before"]  # policy == reference: ties (the loss adds rpo_alpha x NLL to ln 2)
+    assert (before["rewards/margins"], before["rewards/accuracies"]) == (0.0, 0.5) and before["loss"] > 0.693
+    header = card_header(output_dir / "README.md")
+    assert header["datasets"] == [HUB_ROWS]
+    text = (output_dir / "README.md").read_text()
+    assert "| sft_weight | 0.5 |" in text and "log-probs precomputed" in text and "| length_normalize | True" in text
+
+
+def test_trl_aliases_translate_and_refuse():
+    from hf_dpo import DPOConfig
+    from hf_dpo.trl_compat import translate_argv
+
+    assert translate_argv(["--dataset_name", "x", "--rpo_alpha=0.3", "--dataset-test-split", "test"]) == [
+        "--dataset", "x", "--sft_weight", "0.3", "--eval_dataset_split", "test"]
+    assert translate_argv(["--loss_type", "sigmoid_norm"]) == ["--loss_type", "sigmoid", "--length_normalize", "True"]
+    assert translate_argv(["--sync_ref_model", "false"]) == []  # TRL's "off": nothing changes
+    with pytest.raises(ValueError, match="sync_ref_model true is TRL's.*TR-DPO"):
+        translate_argv(["--sync_ref_model", "true"])
+    with pytest.raises(ValueError, match="max_completion_length 256.*--max_length"):
+        translate_argv(["--max_completion_length", "256"])
+    with pytest.raises(ValueError, match="implies --length_normalize True"):
+        translate_argv(["--loss_type", "sigmoid_norm", "--length_normalize", "false"])
+    args = DPOConfig(output_dir="unused", precompute_ref_log_probs=True, rpo_alpha=0.2, loss_type="sigmoid_norm", report_to="none")
+    assert (args.precompute_ref_logps, args.sft_weight, args.loss_type, args.length_normalize) == (True, 0.2, "sigmoid", True)
+    with pytest.raises(ValueError, match="reference_free=True.*simpo"):
+        DPOConfig(output_dir="unused", reference_free=True)
+
+
+def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypatch):
+    """Trainer's own push path, offline: the hub client is patched where transformers calls it."""
+    from huggingface_hub import HfApi
+
+    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+
+    calls = {}
+
+    class Repo(str):
+        repo_id = "someone/tiny-dpo"
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return Repo(f"https://huggingface.co/{repo_id}")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        folder = Path(folder_path)
+        calls["upload"] = {"repo_id": repo_id, "files": sorted(p.name for p in folder.iterdir()),
+                           "card": (folder / "README.md").read_text(encoding="utf-8")}
+        return "uploaded"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    tokenizer = build_tokenizer("chatml")
+    model = build_model(tokenizer)
+    model.config._name_or_path = "someone/tiny-base"  # as if loaded from the hub
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",
+                     push_to_hub=True, hub_model_id="someone/tiny-dpo", save_strategy="no", use_cpu=True,
+                     max_length=128, max_prompt_length=96, disable_tqdm=True)
+    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
+    trainer.model_card_datasets = ["someone/pairs"]
+    trainer.train()
+    assert trainer.push_to_hub() == "uploaded"
+    upload = calls["upload"]
+    assert calls["create_repo"] == "someone/tiny-dpo"
+    assert upload["repo_id"] == "someone/tiny-dpo"
+    assert {"README.md", "model.safetensors", "config.json", "tokenizer.json"} <= set(upload["files"])
+    header = yaml.safe_load(upload["card"].split("---\n")[1])
+    assert header == {"base_model": "someone/tiny-base", "datasets": ["someone/pairs"], "library_name": "transformers",
+                      "tags": ["dpo", "hf_dpo"]}
+    assert "| beta | 2 |" in upload["card"] and "| train train_loss |" in upload["card"] and "| train rewards/margins |" in upload["card"]
+
+
+def documented_commands():
+    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the README's and docs/usage.md's bash blocks, as argument lists."""
+    import re
+    import shlex
+
+    commands = []
+    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
+        for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split("#")[0].strip()
+                for marker in ("&& hf-dpo", "-m hf_dpo", "hf-dpo"):
+                    if marker in line and "..." not in line:
+                        commands.append(pytest.param(shlex.split(line.split(marker, 1)[1]), id=f"{path.name}:{line[:60]}"))
+                        break
+    return commands
+
+
+@pytest.mark.parametrize("argv", documented_commands())
+def test_documented_command_lines_parse(argv, tmp_path):
+    """The documented flags are all valid together (the hub models and data are not loaded: parsing only)."""
+    from hf_dpo.cli import parse_args
+
+    if argv and argv[0].endswith(".yaml"):  # the usage guide's qwen-dpo.yaml, as printed there
+        import re
+
+        text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
+        (tmp_path / argv[0]).write_text(re.search(r"```yaml\n# qwen-dpo.yaml\n(.*?)```", text, re.S).group(1))
+        argv = [str(tmp_path / argv[0]), *argv[1:]]
+    import torch
+
+    shown = " ".join(argv) + ((tmp_path / "qwen-dpo.yaml").read_text() if (tmp_path / "qwen-dpo.yaml").exists() else "")
+    if "bf16" in shown and not torch.cuda.is_available():
+        # GPU commands: every flag parses; TrainingArguments' device check is the only objection on a CPU machine.
+        with pytest.raises(SystemExit, match="doesn't support bf16/gpu"):
+            parse_args(argv)
+    else:
+        parse_args(argv)
+
+
+def test_the_docs_show_hf_dpo_commands():
+    assert len(documented_commands()) >= 6
