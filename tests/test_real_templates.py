@@ -165,3 +165,41 @@ def test_rewrites_are_counted_in_the_report(tmp_path):
     _, report = tokenize_dataset(load_preference_dataset(str(path)), tokenizer)
     assert report.counters["template_rewrites"] == 3
     assert report.counters["template_rewrites.trailing_text_dropped"] == 3
+
+
+def test_chat_template_kwargs_reach_every_template_call(tmp_path):
+    import json
+
+    from transformers import HfArgumentParser
+
+    from hf_dpo.config import DPOConfig
+
+    (config,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--chat_template_kwargs", '{"enable_thinking": false}', "--report_to", "none"]
+    )
+    assert config.chat_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="chat_template_kwargs"):
+        DPOConfig(output_dir=str(tmp_path), chat_template_kwargs="[1]", report_to="none")
+    tokenizer = build_template_tokenizer("qwen3")
+    prompt = CASES["multi"][0]
+    out = tokenize_row(row_of(tokenizer, "multi"), tokenizer, completion_turns="all", chat_template_kwargs=config.chat_template_kwargs)
+    expected_prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    assert expected_prompt.endswith("<think>\n\n</think>\n\n")
+    n = out["prompt_length"]
+    assert tokenizer.decode(out["chosen_input_ids"][:n]) == expected_prompt
+    # With thinking off, the prompt holds the empty think block: the full render is prompt + answer, no rewrite.
+    assert out["template_rewrite"] == "" and tokenizer.decode(out["chosen_input_ids"][n:]) == "Cold.<|im_end|>\n"
+    # Per-row kwargs (as TRL allows) update the config's, for that row only.
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Cold."}], "rejected": [{"role": "assistant", "content": "Warm."}],
+             "chat_template_kwargs": {"enable_thinking": False}},
+            {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Cold."}], "rejected": [{"role": "assistant", "content": "Hot."}]}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenized, report = tokenize_dataset(load_preference_dataset(str(path)), tokenizer)
+    assert report.counters["template_rewrites.text_inserted_before_answer"] == 1
+    first = tokenizer.decode(tokenized[0]["chosen_input_ids"][: tokenized[0]["prompt_length"]])
+    assert first == expected_prompt
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[1], "chat_template_kwargs": [1]}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: chat_template_kwargs: expected an object"):
+        load_preference_dataset(str(bad))
