@@ -195,3 +195,17 @@ def template_kwargs(config_kwargs: Optional[dict], row: dict[str, Any]) -> dict:
         row_kwargs = json.loads(row_kwargs)
     merged.update(row_kwargs or {})
     return merged
+
+
+def leading_text(tokenizer, prompt: list[dict], prompt_text: str, kwargs: Optional[dict] = None) -> str:
+    """The template's text before the first message's content (BOS, headers, a default system text).
+
+    Found by rendering the prompt with the first message's content replaced by a
+    sentinel; "" when the render around the sentinel is not a prefix of ``prompt_text``.
+    """
+    probe = [dict(prompt[0], content=_SENTINELS[0])] + list(prompt[1:])
+    text = render(tokenizer, probe, True, kwargs)
+    if text.count(_SENTINELS[0]) != 1:
+        return ""
+    head = text[: text.index(_SENTINELS[0])]
+    return head if prompt_text.startswith(head) else ""

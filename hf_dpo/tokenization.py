@@ -10,7 +10,8 @@ prompt's tokens; such pairs are counted as ``boundary_merges``. Chosen and
 rejected always share the exact same prompt tokens.
 
 Truncation treats the pair as one: the prompt loses its oldest tokens down to
-``max_prompt_length``, then each response is cut from the right to fit
+``max_prompt_length`` (keeping the template's leading tokens: BOS and anything before
+the first message's text, up to half the limit), then each response is cut from the right to fit
 ``max_length``. A pair whose response would keep no token is skipped and counted.
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Optional
 import datasets
 
 from .data import DataError, DataReport, count_special_token_text, data_report
-from .templates import earlier_answer_spans, final_response_text, render, template_kwargs
+from .templates import earlier_answer_spans, final_response_text, leading_text, render, template_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,10 @@ def _earlier_answer_mask(tokenizer, prompt: list[dict], prompt_text: str, prompt
 
 
 def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_template_kwargs: Optional[dict] = None):
-    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges, rewrite_kind)`` for one canonical row."""
+    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges, rewrite_kind, kept_head)`` for one canonical row.
+
+    ``kept_head`` is the number of leading prompt tokens that prompt truncation keeps.
+    """
     rewrite = ""
     if row["layout"] == "string":
         # Raw concatenation; the tokenizer adds BOS to the prompt if it is configured to.
@@ -70,11 +74,13 @@ def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_tem
         prompt_ids = _encode(tokenizer, prompt_text, add_special_tokens=True)
         prompt_mask = [0] * len(prompt_ids)
         full_texts = {side: prompt_text + row[f"{side}_text"] for side in ("chosen", "rejected")}
+        head = _leading_specials(tokenizer, prompt_ids)
     else:
         kwargs = template_kwargs(chat_template_kwargs, row)
         prompt_text = render(tokenizer, row["prompt"], True, kwargs)
         prompt_ids = _encode(tokenizer, prompt_text)
         prompt_mask = _earlier_answer_mask(tokenizer, row["prompt"], prompt_text, prompt_ids, kwargs) if completion_turns == "all" else [0] * len(prompt_ids)
+        head = _head_tokens(tokenizer, leading_text(tokenizer, row["prompt"], prompt_text, kwargs), prompt_ids)
         full_texts = {}
         for side in ("chosen", "rejected"):
             response_text, kind = final_response_text(tokenizer, row["prompt"], row[side][0]["content"], prompt_text, kwargs)
@@ -89,7 +95,35 @@ def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_tem
             ids, merged = _response_ids(tokenizer, prompt_text, prompt_ids, full_text)
         responses[side] = ids
         merges = max(merges, int(merged))  # counted per pair, as documented, not per side
-    return prompt_ids, prompt_mask, responses, merges, rewrite
+    return prompt_ids, prompt_mask, responses, merges, rewrite, head
+
+
+def _leading_specials(tokenizer, ids: list[int]) -> int:
+    special = set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
+def _head_tokens(tokenizer, head_text: str, prompt_ids: list[int]) -> int:
+    """Tokens of the template's leading text (BOS and anything before the first message's text)."""
+    head_ids = _encode(tokenizer, head_text) if head_text else []
+    if head_ids and prompt_ids[: len(head_ids)] == head_ids:
+        return len(head_ids)
+    return _leading_specials(tokenizer, prompt_ids)
+
+
+def _truncate_prompt(ids: list[int], mask: list[int], head: int, limit: int) -> tuple[list[int], list[int]]:
+    """Drop the oldest prompt tokens down to ``limit``, keeping the first ``head`` (the template's leading tokens).
+
+    When the head alone would not leave room for a newer token, only the leading special
+    tokens' share of it that fits is kept (at most half the limit), so the generation
+    prompt at the end always survives.
+    """
+    head = min(head, limit // 2)
+    tail = limit - head
+    return ids[:head] + ids[len(ids) - tail :], mask[:head] + mask[len(mask) - tail :]
 
 
 def _response_ids_string(tokenizer, prompt_ids: list[int], full_text: str, prompt_chars: int) -> tuple[list[int], bool]:
@@ -114,10 +148,10 @@ def tokenize_row(
     after truncation), and the statistics in :data:`STAT_COLUMNS`;
     ``skip_reason`` is ``""`` for a usable pair.
     """
-    prompt_ids, prompt_mask, responses, merges, rewrite = _render_pair(row, tokenizer, completion_turns, chat_template_kwargs)
+    prompt_ids, prompt_mask, responses, merges, rewrite, head = _render_pair(row, tokenizer, completion_turns, chat_template_kwargs)
     prompt_tokens = len(prompt_ids)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, prompt_mask = prompt_ids[-max_prompt_length:], prompt_mask[-max_prompt_length:]
+        prompt_ids, prompt_mask = _truncate_prompt(prompt_ids, prompt_mask, head, max_prompt_length)
     out: dict[str, Any] = {
         "prompt_length": len(prompt_ids),
         "skip_reason": "",

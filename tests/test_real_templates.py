@@ -203,3 +203,24 @@ def test_chat_template_kwargs_reach_every_template_call(tmp_path):
     bad.write_text(json.dumps({**rows[1], "chat_template_kwargs": [1]}) + "\n")
     with pytest.raises(DataError, match="bad.jsonl:1: chat_template_kwargs: expected an object"):
         load_preference_dataset(str(bad))
+
+
+def test_prompt_truncation_keeps_the_template_head(template):
+    """Dropping the oldest prompt tokens keeps what precedes the first message's text (BOS, headers, default
+    system text) and the newest tokens (the generation prompt); before, Llama-3.1 started at '.' and Gemma-3 at '5'."""
+    name, tokenizer = template
+    prompt = [{"role": "user", "content": "Tell me the opposite of hot, please. " * 12}]
+    row = {**row_of(tokenizer, "single"), "prompt": prompt}
+    full = tokenize_row(row, tokenizer)
+    rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    head_text = rendered[: rendered.index("Tell me")]
+    head = len(tokenizer(head_text, add_special_tokens=False)["input_ids"])
+    limit = 2 * head + 10  # the head is kept up to half the limit
+    tail = limit - head
+    cut = tokenize_row(row, tokenizer, max_prompt_length=limit)
+    p = full["prompt_length"]
+    assert cut["prompt_truncated"] and cut["prompt_length"] == limit
+    assert cut["chosen_input_ids"][:limit] == full["chosen_input_ids"][:head] + full["chosen_input_ids"][p - tail : p]
+    if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
+        assert cut["chosen_input_ids"][0] == tokenizer.bos_token_id
+    assert cut["chosen_input_ids"][limit:] == full["chosen_input_ids"][p:]
