@@ -224,3 +224,31 @@ def test_prompt_truncation_keeps_the_template_head(template):
     if tokenizer.bos_token and rendered.startswith(tokenizer.bos_token):
         assert cut["chosen_input_ids"][0] == tokenizer.bos_token_id
     assert cut["chosen_input_ids"][limit:] == full["chosen_input_ids"][p:]
+
+
+DOC_BEGIN, DOC_END = "<!-- template-table:begin -->", "<!-- template-table:end -->"
+
+
+def compatibility_table():
+    """The docs/data.md table, from the same expectations the tests above check against hf_dpo."""
+    lines = ["| template | prompt ends with | scored | `template_rewrites` kind per case |", "|---|---|---|---|"]
+    for name in sorted(END_OF_TURN):
+        tokenizer = build_template_tokenizer(name)
+        rendered = tokenizer.apply_chat_template(CASES["single"][0], add_generation_prompt=True, tokenize=False)
+        question = CASES["single"][0][-1]["content"]
+        tail = rendered[rendered.rindex(question) + len(question) :]
+        scored = ("answer after `<think>\\n`" if name == "r1-distill-qwen" else "answer") + f" + `{END_OF_TURN[name]!r}`"
+        kinds = EXPECTED_REWRITE[name]
+        fired = sorted({k for k in kinds.values() if k})
+        cells = "; ".join(f"{k}: {', '.join(c for c, v in kinds.items() if v == k)}" for k in fired) or "none"
+        lines.append(f"| `{name}` | `{tail!r}` | {scored} | {cells} |")
+    return "\n".join(lines)
+
+
+def test_docs_compatibility_table_is_current():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    assert DOC_BEGIN in text and DOC_END in text, "docs/data.md lacks the template table markers"
+    current = text.split(DOC_BEGIN)[1].split(DOC_END)[0].strip()
+    assert current == compatibility_table(), "docs/data.md's template table is stale; paste compatibility_table() from tests/test_real_templates.py"
