@@ -96,6 +96,12 @@ def _turn_edges(tokenizer, kwargs: Optional[dict]) -> tuple[str, str]:
         answer = {"role": "assistant", "content": s}
         finals.append(render(tokenizer, [user, answer], False, kwargs))
         middles.append(render(tokenizer, [user, answer, {"role": "user", "content": "And then"}], False, kwargs))
+    if not all(s in text for s, text in zip(_SENTINELS, finals)) or _SENTINELS[0] not in middles[0]:
+        raise DataError(
+            f"the chat template does not render an assistant answer as written (the probe answer {_SENTINELS[0]!r} "
+            f"became {finals[0][-80:]!r}), so the answer and its end of turn cannot be located",
+            code="template_mismatch",
+        )
     generation = render(tokenizer, [user], True, kwargs)
     between = finals[0][len(generation): finals[0].index(_SENTINELS[0])] if finals[0].startswith(generation) else ""
     lead = between if not between.strip() else ""
