@@ -61,6 +61,7 @@ CASES = {
     "think": ([{"role": "user", "content": "What is the opposite of hot?"}], THINK, "Warm."),
     "cjk": ([{"role": "user", "content": "你好"}], "你好，世界", "世界你好"),
     "special": ([{"role": "user", "content": "Say a marker."}], "SPECIAL", "No."),
+    "spaces": ([{"role": "user", "content": "Opposite of wet?"}], " Dry. ", "Damp."),
 }
 
 # The rewrite each template makes on each case ("" = the full render is prompt + answer + end-of-turn).
@@ -75,6 +76,9 @@ for case in CASES:
 EXPECTED_REWRITE["r1-distill-qwen-origtpl"]["think"] = "reasoning_removed"
 EXPECTED_REWRITE["mistral-nemo-instruct"]["system"] = "prompt_rendered_differently"
 EXPECTED_REWRITE["mistral-nemo-instruct"]["system_multi"] = "prompt_rendered_differently"
+# Llama-3.x and Gemma-3 trim the answer; it is scored as written, spaces included.
+for name in ("gemma3-it", "llama3-instruct-orig", "llama3.1-instruct", "llama3.2-instruct"):
+    EXPECTED_REWRITE[name]["spaces"] = "answer_trimmed"
 
 # The earlier answer as the template renders it inside the prompt (for completion_turns="all").
 EARLIER = "Hello! Ask me for the opposite of any word."
