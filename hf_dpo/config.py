@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+import json
+from typing import Optional, Union
 
 from transformers import TrainingArguments
 
@@ -178,6 +179,13 @@ class DPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Kept False: the DPO collator needs the tokenized pair columns, which the model's forward does not name."},
     )
+    chat_template_kwargs: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments passed to every chat template call, as a dict or a JSON object string, e.g. "
+            "'{\"enable_thinking\": false}' for Qwen3; a row's own chat_template_kwargs update them for that row."
+        },
+    )
 
     def __post_init__(self):
         self.beta_is_default = self.beta is None
@@ -188,6 +196,7 @@ class DPOConfig(TrainingArguments):
         _check_choice("reference", self.reference, REFERENCE_CHOICES)
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
+        self.chat_template_kwargs = _parse_kwargs(self.chat_template_kwargs)
         if not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -227,3 +236,14 @@ class DPOConfig(TrainingArguments):
 def _check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"--{flag}: got {value!r}; choose one of {', '.join(choices)}")
+
+
+def _parse_kwargs(value) -> Optional[dict]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--chat_template_kwargs: not valid JSON ({err}): {value!r}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"--chat_template_kwargs: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -311,6 +311,9 @@ def load_preference_dataset(
             **{k: datasets.Value("string") for k in ("prompt_text", "chosen_text", "rejected_text")},
         }
     )
+    if any("chat_template_kwargs" in row for row in rows):
+        # Per-row template kwargs (JSON text; None where a row has none), only when some row has them.
+        features["chat_template_kwargs"] = datasets.Value("string")
     info = datasets.DatasetInfo(description=REPORT_MARKER + json.dumps(report.to_dict()), features=features)
     return datasets.Dataset.from_list(rows, features=features, info=info)
 

@@ -71,6 +71,10 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
         f"responses {counters.get('responses_truncated', 0)} (cut from the right)"
     )
     lines.append(f"  merges      {counters.get('boundary_merges', 0)} prompt/response token-boundary merge(s), response tokenized apart")
+    if counters.get("template_rewrites"):
+        kinds = sorted((k.split(".", 1)[1], v) for k, v in counters.items() if k.startswith("template_rewrites.") and v)
+        lines.append(f"  rewrites    {counters['template_rewrites']} pair(s) built as answer + end-of-turn, the template rendered otherwise: "
+                     + ", ".join(f"{k} {v}" for k, v in kinds))
     for key, label, text in (
         ("special_token_text", "special", "row(s) spell a special token in their text, kept"),
         ("ignored_message_keys", "ignored", "row(s) have message keys other than role/content, not rendered"),

@@ -8,6 +8,7 @@ the reader adds the file and line.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 ROLES = ("system", "user", "assistant")
@@ -187,9 +188,18 @@ def validate_row(row: Any) -> dict[str, Any]:
         canonical.update(_split_conversational(row))
     else:
         canonical.update(_split_strings(row))
+    if row.get("chat_template_kwargs") is not None:
+        canonical["chat_template_kwargs"] = _check_template_kwargs(row["chat_template_kwargs"])
     if _answer_text(canonical, "chosen") == _answer_text(canonical, "rejected"):
         raise DataError("chosen and rejected answers are identical", field="rejected", code="identical_responses")
     return canonical
+
+
+def _check_template_kwargs(value: Any) -> str:
+    """A row's own ``chat_template_kwargs`` (an object, as TRL allows), carried as JSON text."""
+    if not isinstance(value, dict):
+        raise DataError(f"expected an object, got {_type_name(value)}", field="chat_template_kwargs", code="bad_type")
+    return json.dumps(value, sort_keys=True)
 
 
 def _answer_text(canonical: dict[str, Any], side: str) -> str:

@@ -10,7 +10,8 @@ prompt's tokens; such pairs are counted as ``boundary_merges``. Chosen and
 rejected always share the exact same prompt tokens.
 
 Truncation treats the pair as one: the prompt loses its oldest tokens down to
-``max_prompt_length``, then each response is cut from the right to fit
+``max_prompt_length`` (keeping the template's leading tokens: BOS and anything before
+the first message's text, up to half the limit), then each response is cut from the right to fit
 ``max_length``. A pair whose response would keep no token is skipped and counted.
 """
 
@@ -22,64 +23,69 @@ from typing import Any, Optional
 import datasets
 
 from .data import DataError, DataReport, count_special_token_text, data_report
+from .templates import earlier_answer_spans, final_response_text, leading_text, render, template_kwargs
 
 logger = logging.getLogger(__name__)
 
 TOKENIZED_COLUMNS = ("chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask")
-STAT_COLUMNS = ("skip_reason", "prompt_tokens", "chosen_tokens", "rejected_tokens", "prompt_truncated", "responses_truncated", "boundary_merges")
+STAT_COLUMNS = ("skip_reason", "prompt_tokens", "chosen_tokens", "rejected_tokens", "prompt_truncated", "responses_truncated", "boundary_merges", "template_rewrite")
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as err:  # Jinja raises many types; the row and the reason matter, not the type.
-        raise DataError(f"the chat template failed: {type(err).__name__}: {err}", code="template_error") from None
-
-
 def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], full_text: str) -> tuple[list[int], bool]:
     """Tokens of ``full_text`` after the prompt, and whether a boundary merge forced a separate tokenization."""
-    if not full_text.startswith(prompt_text):
-        raise DataError(
-            "the chat template renders the prompt differently inside the full conversation; "
-            "cannot locate the response",
-            code="template_mismatch",
-        )
     full_ids = _encode(tokenizer, full_text)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         return full_ids[len(prompt_ids) :], False
     return _encode(tokenizer, full_text[len(prompt_text) :]), True
 
 
-def _earlier_answer_mask(tokenizer, prompt: list[dict], prompt_ids: list[int]) -> list[int]:
-    """For ``completion_turns="all"``: 1 on the tokens of every assistant turn inside the prompt."""
+def _earlier_answer_mask(tokenizer, prompt: list[dict], prompt_text: str, prompt_ids: list[int], kwargs: dict) -> list[int]:
+    """For ``completion_turns="all"``: 1 on the tokens of every earlier assistant turn, its end-of-turn included.
+
+    The spans come from :func:`hf_dpo.templates.earlier_answer_spans` (verified against
+    ``prompt_text``); a token is scored only if it lies wholly inside a span, so no token
+    of the next turn is ever scored.
+    """
+    spans = earlier_answer_spans(tokenizer, prompt, prompt_text, kwargs)
+    encoded = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+    if encoded["input_ids"] != prompt_ids:
+        raise DataError("the prompt tokenizes differently with offsets; cannot place earlier answers", code="template_mismatch")
     mask = [0] * len(prompt_ids)
-    for j, message in enumerate(prompt):
-        if message["role"] != "assistant":
-            continue
-        start = len(_encode(tokenizer, _render(tokenizer, prompt[:j], add_generation_prompt=True)))
-        end = len(_encode(tokenizer, _render(tokenizer, prompt[: j + 1], add_generation_prompt=False)))
-        for t in range(start, min(end, len(prompt_ids))):
-            mask[t] = 1
+    for start, end in spans:
+        for t, (a, b) in enumerate(encoded["offset_mapping"]):
+            if a >= start and b <= end and b > a:
+                mask[t] = 1
     return mask
 
 
-def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str):
-    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges)`` for one canonical row."""
+def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_template_kwargs: Optional[dict] = None):
+    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges, rewrite_kind, kept_head)`` for one canonical row.
+
+    ``kept_head`` is the number of leading prompt tokens that prompt truncation keeps.
+    """
+    rewrite = ""
     if row["layout"] == "string":
         # Raw concatenation; the tokenizer adds BOS to the prompt if it is configured to.
         prompt_text = row["prompt_text"]
         prompt_ids = _encode(tokenizer, prompt_text, add_special_tokens=True)
         prompt_mask = [0] * len(prompt_ids)
         full_texts = {side: prompt_text + row[f"{side}_text"] for side in ("chosen", "rejected")}
+        head = _leading_specials(tokenizer, prompt_ids)
     else:
-        prompt_text = _render(tokenizer, row["prompt"], add_generation_prompt=True)
+        kwargs = template_kwargs(chat_template_kwargs, row)
+        prompt_text = render(tokenizer, row["prompt"], True, kwargs)
         prompt_ids = _encode(tokenizer, prompt_text)
-        prompt_mask = _earlier_answer_mask(tokenizer, row["prompt"], prompt_ids) if completion_turns == "all" else [0] * len(prompt_ids)
-        full_texts = {side: _render(tokenizer, row["prompt"] + row[side], add_generation_prompt=False) for side in ("chosen", "rejected")}
+        prompt_mask = _earlier_answer_mask(tokenizer, row["prompt"], prompt_text, prompt_ids, kwargs) if completion_turns == "all" else [0] * len(prompt_ids)
+        head = _head_tokens(tokenizer, leading_text(tokenizer, row["prompt"], prompt_text, kwargs), prompt_ids)
+        full_texts = {}
+        for side in ("chosen", "rejected"):
+            response_text, kind = final_response_text(tokenizer, row["prompt"], row[side][0]["content"], prompt_text, kwargs)
+            full_texts[side] = prompt_text + response_text
+            rewrite = rewrite or kind  # counted per pair, by the first kind seen
     responses, merges = {}, 0
     for side, full_text in full_texts.items():
         if row["layout"] == "string":
@@ -89,7 +95,35 @@ def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str):
             ids, merged = _response_ids(tokenizer, prompt_text, prompt_ids, full_text)
         responses[side] = ids
         merges = max(merges, int(merged))  # counted per pair, as documented, not per side
-    return prompt_ids, prompt_mask, responses, merges
+    return prompt_ids, prompt_mask, responses, merges, rewrite, head
+
+
+def _leading_specials(tokenizer, ids: list[int]) -> int:
+    special = set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(ids) and ids[n] in special:
+        n += 1
+    return n
+
+
+def _head_tokens(tokenizer, head_text: str, prompt_ids: list[int]) -> int:
+    """Tokens of the template's leading text (BOS and anything before the first message's text)."""
+    head_ids = _encode(tokenizer, head_text) if head_text else []
+    if head_ids and prompt_ids[: len(head_ids)] == head_ids:
+        return len(head_ids)
+    return _leading_specials(tokenizer, prompt_ids)
+
+
+def _truncate_prompt(ids: list[int], mask: list[int], head: int, limit: int) -> tuple[list[int], list[int]]:
+    """Drop the oldest prompt tokens down to ``limit``, keeping the first ``head`` (the template's leading tokens).
+
+    When the head alone would not leave room for a newer token, only the leading special
+    tokens' share of it that fits is kept (at most half the limit), so the generation
+    prompt at the end always survives.
+    """
+    head = min(head, limit // 2)
+    tail = limit - head
+    return ids[:head] + ids[len(ids) - tail :], mask[:head] + mask[len(mask) - tail :]
 
 
 def _response_ids_string(tokenizer, prompt_ids: list[int], full_text: str, prompt_chars: int) -> tuple[list[int], bool]:
@@ -105,6 +139,7 @@ def tokenize_row(
     max_length: Optional[int] = None,
     max_prompt_length: Optional[int] = None,
     completion_turns: str = "last",
+    chat_template_kwargs: Optional[dict] = None,
 ) -> dict[str, Any]:
     """Tokenize one canonical pair.
 
@@ -113,10 +148,10 @@ def tokenize_row(
     after truncation), and the statistics in :data:`STAT_COLUMNS`;
     ``skip_reason`` is ``""`` for a usable pair.
     """
-    prompt_ids, prompt_mask, responses, merges = _render_pair(row, tokenizer, completion_turns)
+    prompt_ids, prompt_mask, responses, merges, rewrite, head = _render_pair(row, tokenizer, completion_turns, chat_template_kwargs)
     prompt_tokens = len(prompt_ids)
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids, prompt_mask = prompt_ids[-max_prompt_length:], prompt_mask[-max_prompt_length:]
+        prompt_ids, prompt_mask = _truncate_prompt(prompt_ids, prompt_mask, head, max_prompt_length)
     out: dict[str, Any] = {
         "prompt_length": len(prompt_ids),
         "skip_reason": "",
@@ -124,6 +159,7 @@ def tokenize_row(
         "prompt_truncated": len(prompt_ids) < prompt_tokens,
         "responses_truncated": 0,
         "boundary_merges": merges,
+        "template_rewrite": rewrite,
     }
     budget = None if max_length is None else max_length - len(prompt_ids)
     for side, response in responses.items():
@@ -147,7 +183,7 @@ def _failed_row(code: str) -> dict[str, Any]:
     return {
         **{column: [0] for column in TOKENIZED_COLUMNS},
         "prompt_length": 0, "skip_reason": code, "prompt_tokens": 0, "chosen_tokens": 0, "rejected_tokens": 0,
-        "prompt_truncated": False, "responses_truncated": 0, "boundary_merges": 0,
+        "prompt_truncated": False, "responses_truncated": 0, "boundary_merges": 0, "template_rewrite": "",
     }
 
 
@@ -158,6 +194,10 @@ def _summarise(stats: datasets.Dataset, report: DataReport) -> None:
     report.counters["prompts_truncated"] += sum(stats["prompt_truncated"])
     report.counters["responses_truncated"] += sum(stats["responses_truncated"])
     report.counters["boundary_merges"] += sum(stats["boundary_merges"])
+    for kind in stats["template_rewrite"]:
+        if kind:
+            report.counters["template_rewrites"] += 1
+            report.counters[f"template_rewrites.{kind}"] += 1
 
 
 def tokenize_dataset(
@@ -169,6 +209,7 @@ def tokenize_dataset(
     num_proc: Optional[int] = None,
     report: Optional[DataReport] = None,
     on_bad_row: str = "error",
+    chat_template_kwargs: Optional[dict] = None,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Tokenize a canonical data set (from :func:`hf_dpo.load_preference_dataset`) and drop untrainable pairs.
 
@@ -189,7 +230,7 @@ def tokenize_dataset(
 
     def encode(row):
         try:
-            return tokenize_row(row, tokenizer, max_length, max_prompt_length, completion_turns)
+            return tokenize_row(row, tokenizer, max_length, max_prompt_length, completion_turns, chat_template_kwargs)
         except DataError as err:
             if on_bad_row != "skip":
                 raise err.at(*report.locate(row["row_id"])) from None
@@ -197,7 +238,7 @@ def tokenize_dataset(
 
     count_special_token_text(dataset, tokenizer, report)
     tokenized = dataset.map(encode, num_proc=num_proc, desc="Tokenizing pairs", remove_columns=[c for c in dataset.column_names if c != "row_id"])
-    _summarise(tokenized.select_columns(["skip_reason", "row_id", "prompt_truncated", "responses_truncated", "boundary_merges"]), report)
+    _summarise(tokenized.select_columns(["skip_reason", "row_id", "prompt_truncated", "responses_truncated", "boundary_merges", "template_rewrite"]), report)
     kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason", desc="Dropping untrainable pairs")
     report.counters["pairs_tokenized"] += len(kept)
     if len(kept) == 0:

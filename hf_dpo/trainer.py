@@ -168,6 +168,7 @@ class NormalizedDPOTrainer(Trainer):
                 completion_turns=args.completion_turns,
                 num_proc=args.dataset_num_proc,
                 on_bad_row=args.on_bad_row,
+                chat_template_kwargs=getattr(args, "chat_template_kwargs", None),
             )
         self.data_reports[name] = report
         logger.info(

@@ -149,15 +149,16 @@ def test_multi_turn_completion_turns(tokenizers, template):
 
 
 def test_completion_turns_all_mask_follows_prompt_truncation(tokenizers):
-    """The earlier-turn mask is cut with the prompt: it keeps its last max_prompt_length entries."""
+    """The earlier-turn mask is cut with the prompt: the template's head ('<|im_start|>' 'user\\n', before the
+    first message's text, 3 tokens) is kept, then the last 20 - 3 entries."""
     tokenizer = tokenizers["chatml"]
     row = validate_row(minimind_row(history=True))
     full = tokenize_row(row, tokenizer, completion_turns="all")
     cut = tokenize_row(row, tokenizer, max_length=200, max_prompt_length=20, completion_turns="all")
-    p = full["prompt_length"]
-    assert cut["prompt_length"] == 20
-    assert cut["chosen_response_mask"][:20] == full["chosen_response_mask"][p - 20 : p]
-    assert cut["chosen_input_ids"] == full["chosen_input_ids"][p - 20 :]
+    p, head = full["prompt_length"], len(ids_of(tokenizer, ["<|im_start|>", "user\n"]))
+    assert head == 3 and cut["prompt_length"] == 20
+    assert cut["chosen_response_mask"][:20] == full["chosen_response_mask"][:head] + full["chosen_response_mask"][p - 17 : p]
+    assert cut["chosen_input_ids"] == full["chosen_input_ids"][:head] + full["chosen_input_ids"][p - 17 :]
 
 
 def test_cjk_boundary_merge(tokenizers, tmp_path):
@@ -194,7 +195,8 @@ def test_cjk_boundary_merge(tokenizers, tmp_path):
 
 
 def test_truncation_keeps_last_prompt_tokens_and_cuts_responses_right(tokenizers):
-    """max_prompt_length 5, max_length 11: the prompt keeps its last 5 tokens, each response its first 6
+    """max_prompt_length 5, max_length 11: the prompt keeps the template's head ('<|im_start|>' 'user\\n', 3 tokens,
+    cut to half the limit: 2 tokens) and its last 3 tokens, each response its first 6
     ('The opposite of hot is' + ' cold' / ' hot', the first token where the answers differ)."""
     tokenizer = tokenizers["chatml"]
     prompt_ids = ids_of(tokenizer, prompt_pieces("chatml", [("user", QUESTION)]))
@@ -203,8 +205,10 @@ def test_truncation_keeps_last_prompt_tokens_and_cuts_responses_right(tokenizers
     assert chosen_ids[:5] == rejected_ids[:5] and chosen_ids[5] != rejected_ids[5] and len(chosen_ids) > 6
     out = tokenize_row(validate_row(minimind_row()), tokenizer, max_length=11, max_prompt_length=5)
     assert out["prompt_length"] == 5 and out["prompt_tokens"] == len(prompt_ids) and out["prompt_truncated"]
-    assert out["chosen_input_ids"] == prompt_ids[-5:] + chosen_ids[:6]
-    assert out["rejected_input_ids"] == prompt_ids[-5:] + rejected_ids[:6]
+    kept = prompt_ids[:2] + prompt_ids[-3:]
+    assert tokenizer.decode(kept[:2]) == "<|im_start|>user"
+    assert out["chosen_input_ids"] == kept + chosen_ids[:6]
+    assert out["rejected_input_ids"] == kept + rejected_ids[:6]
     assert out["chosen_response_mask"] == [0] * 5 + [1] * 6
     assert tokenizer.decode(out["chosen_input_ids"][5:]) == "The opposite of hot is cold"
     assert out["responses_truncated"] == 2 and out["skip_reason"] == ""
