@@ -129,7 +129,7 @@ def dpo_loss(policy, ref, batch: dict) -> torch.Tensor:
 def flex_problem(device: torch.device):
     """Why flex_attention is not checked here, or None."""
     if device.type != "cuda":
-        return "flex_attention skipped on cpu: it compiles its kernels, minutes for a dry run"
+        return "flex_attention skipped on cpu: torch's FlexAttention has no backward on CPU"
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError as error:
@@ -155,6 +155,10 @@ def run_checks(size_name: str, device: torch.device) -> dict:
 
     def add(check, measured, tolerance):
         rows.append(dict(check=check, measured=measured, tolerance=tolerance, passed=bool(measured <= tolerance)))
+
+    def fail(check, tolerance, error):
+        rows.append(dict(check=check, measured=float("inf"), tolerance=tolerance, passed=False,
+                         error=f"{type(error).__name__}: {str(error)[:300]}"))
 
     # (a) bf16 autocast against fp32, same weights, same batch.
     policy, ref = build_model(size, "sdpa", 0, device), build_model(size, "sdpa", 1, device)
@@ -187,7 +191,14 @@ def run_checks(size_name: str, device: torch.device) -> dict:
         except (ImportError, ValueError, RuntimeError) as error:
             skipped.append(f"{attn} skipped: the model does not build ({type(error).__name__}: {error})")
             continue
-        want = sums_and_grads(model, padded, response_only=True)
+        try:
+            want = sums_and_grads(model, padded, response_only=True)
+        except Exception as error:  # noqa: BLE001 - reported as failures, so the rest of the table still prints
+            for name, options in layouts.items():
+                refused = options["share_prompt"] and attn not in ("sdpa", "eager")
+                fail(f"{name} on {attn} refused loudly" if refused else f"{name} vs padded (sums, grads; {attn})",
+                     0.0 if refused else FP32_RTOL, error)
+            continue
         for name, options in layouts.items():
             batch = to_device(PackedDPOCollator(pad_token_id=0, **options)(features), device)
             if options["share_prompt"] and attn not in ("sdpa", "eager"):
@@ -199,8 +210,11 @@ def run_checks(size_name: str, device: torch.device) -> dict:
                 else:
                     add(f"{name} on {attn} refused loudly", float("inf"), 0.0)
                 continue
-            add(f"{name} vs padded (sums, grads; {attn})", relative_diff(sums_and_grads(model, batch, True), want),
-                FP32_RTOL)
+            check = f"{name} vs padded (sums, grads; {attn})"
+            try:
+                add(check, relative_diff(sums_and_grads(model, batch, True), want), FP32_RTOL)
+            except Exception as error:  # noqa: BLE001 - a crash is a failed check, named with its error
+                fail(check, FP32_RTOL, error)
         del model
     return dict(size=size_name, device=str(device), device_name=device_name(device), torch=torch.__version__,
                 checks=rows, skipped=skipped, passed=all(r["passed"] for r in rows))
@@ -216,6 +230,7 @@ def table(report: dict) -> str:
     for row in report["checks"]:
         verdict = "pass" if row["passed"] else "FAIL"
         lines.append(f"| {row['check']} | {row['measured']:.3g} | {row['tolerance']:.3g} | {verdict} |")
+    lines += [f"Error in '{row['check']}': {row['error']}" for row in report["checks"] if "error" in row]
     lines += [f"Skipped: {reason}" for reason in report["skipped"]]
     return "\n".join(lines)
 
