@@ -3,7 +3,7 @@
 # Qwen2.5-0.5B-shaped random-init model, bf16, max_length 2048 (docs/performance.md, "GPU benchmark").
 #
 #   bash benchmarks/gpu.sh download     # here, with a registry: fetch the wheels the GPU machine lacks into .whl/
-#   bash benchmarks/gpu.sh              # there, offline: install .whl/ if present, run, print one table
+#   bash benchmarks/gpu.sh              # there, offline: install .whl/ if present, run the checks, then the benchmark
 #   HF_DPO_BENCH_INSTALL=0 bash benchmarks/gpu.sh --size gpu_tiny --cpu --steps 1 --warmup 1 --repeats 1  # the tests' CPU dry run
 #
 # Any arguments other than `download` go to `bench.py --preset gpu` and override the preset.
@@ -41,4 +41,28 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 "$PYTHON" -c "import torch, transformers, trl, datasets, hf_dpo; print('torch', torch.__version__, '| transformers', \
 transformers.__version__, '| trl', trl.__version__, '| datasets', datasets.__version__, '| cuda', torch.cuda.is_available())" \
     || { echo "gpu.sh: a package is missing; run 'bash benchmarks/gpu.sh download' where pip works and carry .whl" >&2; exit 1; }
-exec "$PYTHON" "$ROOT/benchmarks/bench.py" --preset gpu "$@"
+
+# First the numerical checks (benchmarks/gpu_checks.py, well under a minute on a GPU): the table below is only
+# worth reading if the fast paths give the plain path's numbers on this device. A failed check does not stop
+# the benchmark (a lent device is used once), but the command exits non-zero. `--cpu` in the arguments (the
+# tests' dry run) runs them at their tiny size on the CPU; HF_DPO_BENCH_CHECKS=0 skips them.
+CHECKS=(--size gpu)
+JSON=""
+previous=""
+for arg in "$@"; do
+    [[ "$arg" == "--cpu" ]] && CHECKS=(--size tiny --device cpu)
+    [[ "$previous" == "--json" ]] && JSON="$arg"
+    previous="$arg"
+done
+[[ -n "$JSON" ]] && CHECKS+=(--json "${JSON%.json}_checks.json")
+checks_status=0
+if [[ "${HF_DPO_BENCH_CHECKS:-1}" != 0 ]]; then
+    "$PYTHON" "$ROOT/benchmarks/gpu_checks.py" "${CHECKS[@]}" || checks_status=$?
+fi
+# The preset's 420 s launch deadline keeps the benchmark within 8 minutes; the checks' time comes off it (an
+# explicit --deadline in the arguments still wins: argparse keeps the last one).
+"$PYTHON" "$ROOT/benchmarks/bench.py" --preset gpu --deadline "$(( SECONDS < 419 ? 420 - SECONDS : 1 ))" "$@"
+if [[ "$checks_status" != 0 ]]; then
+    echo "gpu.sh: some GPU checks failed (table above the benchmark's)" >&2
+    exit "$checks_status"
+fi

@@ -68,6 +68,10 @@ def test_gpu_sh_dry_run_on_cpu_runs_the_three_contestants_and_the_mfu_table(tmp_
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "--preset gpu" in done.stdout  # gpu.sh ran bench.py's gpu preset
+    # ... after the numerical checks, at their tiny size on the CPU, in the same command.
+    assert done.stdout.index("all checks passed") < done.stdout.index("--preset gpu")
+    checks = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert checks["size"] == "tiny" and checks["device"] == "cpu" and checks["passed"]
     table = [line for line in done.stdout.splitlines() if line.startswith("| gpu_tiny |")]
     assert [line.split("|")[3].strip() for line in table] == impls.split(",")  # one table, one row per contestant
     report = json.loads(out.read_text())
@@ -138,3 +142,41 @@ def test_cpu_suite_plan_measures_defaults_against_trl_and_the_padded_path():
     # Explicit options win over the suite's.
     args.repeats, args.steps = 1, 3
     assert all(set(e["repeats"].values()) == {1} and e["steps"] == 3 for e in bench.plan(args))
+
+
+GPU_CHECKS = BENCH.parent / "gpu_checks.py"
+
+CHECK_ROWS = [
+    "bf16 autocast loss vs fp32",
+    "response_only_logits vs full logits (sums, grads; sdpa)",
+    *[f"{layout} vs padded (sums, grads; {attn})" for attn in ("sdpa", "eager")
+      for layout in ("padding_free", "padding_free_rows", "share_prompt")],
+]
+
+
+def test_gpu_checks_dry_run_on_cpu_passes_every_check_below_its_tolerance(tmp_path, capsys):
+    """benchmarks/gpu_checks.py at its tiny size on CPU: every row present, measured, below its tolerance."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hf_dpo_gpu_checks", GPU_CHECKS)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    out = tmp_path / "checks.json"
+    assert checks.main(["--size", "tiny", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    rows = report["checks"]
+    assert [row["check"].split(" (fp32 loss")[0] for row in rows] == CHECK_ROWS
+    for row in rows:
+        assert row["passed"] and row["measured"] <= row["tolerance"], row
+        verdict = "pass" if row["passed"] else "FAIL"
+        assert f"| {row['check']} | {row['measured']:.3g} | {row['tolerance']:.3g} | {verdict} |" in printed
+    by_name = {row["check"].split(" (fp32 loss")[0]: row for row in rows}
+    # bf16 really ran in bf16 (a loss that moved), within the stated 1e-2; the fp32 loss is away from ln 2.
+    assert 0 < by_name["bf16 autocast loss vs fp32"]["measured"] < 1e-2
+    assert abs(float(rows[0]["check"].split("fp32 loss ")[1].rstrip(")")) - math.log(2)) > 1e-3
+    # Each layout is a different computation (other summation order), compared for real, within 1e-5.
+    for name in CHECK_ROWS[2:]:
+        assert 0 < by_name[name]["measured"] < 1e-5 and by_name[name]["tolerance"] == 1e-5
+    assert report["skipped"] == ["flex_attention skipped on cpu: torch's FlexAttention has no backward on CPU"]
+    assert report["passed"] and "all checks passed" in printed
