@@ -186,6 +186,14 @@ class DPOConfig(TrainingArguments):
             "'{\"enable_thinking\": false}' for Qwen3; a row's own chat_template_kwargs update them for that row."
         },
     )
+    router_aux_loss_coef: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Weight of the mixture-of-experts router load-balancing loss added to the DPO loss (policy only, "
+            "logged as aux_loss). Default: the model config's router_aux_loss_coef when its output_router_logits is "
+            "true, else off; 0 logs aux_loss without training on it."
+        },
+    )
 
     def __post_init__(self):
         self.beta_is_default = self.beta is None
@@ -197,6 +205,8 @@ class DPOConfig(TrainingArguments):
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
         self.chat_template_kwargs = _parse_kwargs(self.chat_template_kwargs)
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            raise ValueError(f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:

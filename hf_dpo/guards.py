@@ -197,8 +197,13 @@ class TrainingGuards(TrainerCallback):
 
     # -- called from compute_loss
 
-    def check_loss(self, model: nn.Module, loss: torch.Tensor, losses: torch.Tensor, batch: dict[str, Any]) -> None:
-        """Check a training loss: raise or flag the step when it is not finite; self-check the first step."""
+    def check_loss(
+        self, model: nn.Module, loss: torch.Tensor, losses: torch.Tensor, batch: dict[str, Any], first_step_loss=None
+    ) -> None:
+        """Check a training loss: raise or flag the step when it is not finite; self-check the first step.
+
+        ``first_step_loss``: the part of ``loss`` the step-0 check predicts (without an added MoE aux term).
+        """
         if not model.training:
             return
         state = self.trainer.state
@@ -212,7 +217,7 @@ class TrainingGuards(TrainerCallback):
         if not self._first_step_checked:
             self._first_step_checked = True
             if state.global_step == 0:
-                self._check_first_step(model, loss.item(), batch)
+                self._check_first_step(model, float(loss if first_step_loss is None else first_step_loss), batch)
 
     def _fail_or_flag(self, message: str) -> None:
         if self.mode == "error":

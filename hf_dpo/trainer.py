@@ -25,6 +25,7 @@ from .engines import EngineCheck, check_launch, prepare_reference
 from .guards import install_guards
 from .logprobs import sequence_logps
 from .model_card import write_model_card
+from .moe import RouterAux
 from .losses import preference_loss, sft_nll
 from .reference import build_reference_model, disable_dropout, is_peft_model, reference_logp_sums, resolve_reference_mode
 from .packing import build_collator
@@ -127,6 +128,8 @@ class NormalizedDPOTrainer(Trainer):
         self.add_callback(EngineCheck(self))
         if self.ref_model is not None:
             self.ref_model = prepare_reference(self, self.ref_model)  # sharded like the policy: hf_dpo/engines.py
+        self.router_aux = RouterAux(self.model, self.ref_model, args.router_aux_loss_coef)  # MoE load balancing: hf_dpo/moe.py
+        self.router_aux.refuse_packed_layouts(args.padding_free, args.share_prompt)
         if wants_length_grouping(args):
             self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, args.share_prompt)
         if args.precompute_ref_logps:
@@ -193,7 +196,9 @@ class NormalizedDPOTrainer(Trainer):
     def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses ``(B,)`` and the batch's metrics (scalars) for ``batch``."""
         args = self.args
-        policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
+        with self.router_aux.capture():  # the policy's router logits, never the reference's
+            policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
+        aux_loss = self.router_aux.loss(batch)
         ref_sums = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self.score)
         n_pairs = counts.shape[0] // 2
         policy_logps = sequence_logps(policy_sums, counts, args.length_normalize)  # (2B,)
@@ -212,6 +217,8 @@ class NormalizedDPOTrainer(Trainer):
             losses = losses + args.sft_weight * sft_nll(policy_sums[:n_pairs], counts[:n_pairs])
         # Sums and means ran in float64 for accuracy; Trainer, GradScaler and DeepSpeed expect an fp32 loss.
         losses = losses.float()
+        if aux_loss is not None:
+            losses = losses + self.router_aux.coef * aux_loss  # a batch term: the mean over pairs adds it once
         detached = policy_logps.detach()
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
@@ -224,12 +231,16 @@ class NormalizedDPOTrainer(Trainer):
             "lengths/chosen": counts[:n_pairs].float().mean(),
             "lengths/rejected": counts[n_pairs:].float().mean(),
         }
+        if aux_loss is not None:
+            metrics["aux_loss"] = aux_loss.detach()
         return losses, metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         losses, metrics = self.pair_losses(model, inputs)
         loss = losses.mean()
-        self.guards.check_loss(model, loss, losses, inputs)
+        # The step-0 self-check predicts the preference loss alone, without the router's aux term.
+        aux_term = self.router_aux.coef * metrics["aux_loss"] if "aux_loss" in metrics else 0.0
+        self.guards.check_loss(model, loss, losses, inputs, first_step_loss=loss.detach() - aux_term)
         self._store_metrics(metrics, "train" if model.training else "eval", losses.shape[0])
         return (loss, metrics) if return_outputs else loss
 
