@@ -21,6 +21,7 @@ from .checkpoints import resolve_resume_checkpoint
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
 from .guards import install_guards
+from .layout_check import check_layout
 from .logprobs import sequence_logps
 from .losses import preference_loss, sft_nll
 from .reference import build_reference_model, disable_dropout, is_peft_model, reference_logp_sums, resolve_reference_mode
@@ -177,6 +178,7 @@ class NormalizedDPOTrainer(Trainer):
     def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses ``(B,)`` and the batch's metrics (scalars) for ``batch``."""
         args = self.args
+        check_layout(self, model, batch)  # once per model: the packed layouts must give the padded numbers
         policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
         ref_sums = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self.score)
         n_pairs = counts.shape[0] // 2

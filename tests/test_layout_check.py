@@ -1,0 +1,99 @@
+"""The first-batch layout self-check: custom-code models that ignore the packed layouts' mask refuse them."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer
+from hf_dpo.demo import build_tokenizer, make_preference_rows
+from hf_dpo.layout_check import LayoutMismatchError, layout_verdict, padded_equivalent
+from hf_dpo.packing import PackedDPOCollator
+
+from test_packing import random_features
+
+CUSTOM_CODE = Path(__file__).parent / "custom_models" / "modeling_tiny_custom.py"
+
+
+@pytest.mark.parametrize("layout", [dict(padding_free=True), dict(share_prompt=True), dict(padding_free=True, share_prompt=True),
+                                    dict(padding_free=True, max_row_tokens=16)])
+def test_padded_equivalent_is_the_plain_collators_batch(layout):
+    features = random_features(3, prompt_mask=True)
+    want = DPOCollator(pad_token_id=0)(features)
+    got = padded_equivalent(PackedDPOCollator(pad_token_id=0, **layout)(features))
+    for key in ("input_ids", "attention_mask", "response_mask", "chosen_lengths", "rejected_lengths"):
+        assert torch.equal(got[key], want[key].to(got[key].dtype)), key
+
+
+def save_custom_model(directory: Path, vocab_size: int, honour_mask: bool) -> Path:
+    """Write the modeling file and a random-init checkpoint whose config.json points to it through auto_map."""
+    directory.mkdir()
+    shutil.copy(CUSTOM_CODE, directory / CUSTOM_CODE.name)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("modeling_tiny_custom", directory / CUSTOM_CODE.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.TinyCustomConfig(vocab_size=vocab_size, honour_mask=honour_mask)
+    config.auto_map = {
+        "AutoConfig": "modeling_tiny_custom.TinyCustomConfig",
+        "AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomForCausalLM",
+    }
+    torch.manual_seed(0)
+    module.TinyCustomForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer("chatml")
+
+
+@pytest.fixture(scope="module")
+def custom_dirs(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("custom")
+    return {honour: save_custom_model(root / f"honour_{honour}", len(tokenizer), honour) for honour in (False, True)}
+
+
+def run(directory, tokenizer, output_dir, **layout):
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
+    assert type(model).__name__ == "TinyCustomForCausalLM" and type(model).__module__.startswith("transformers_modules")
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = DPOConfig(
+        output_dir=str(output_dir), report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, seed=0, **layout,
+    )
+    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
+    return trainer, initial
+
+
+@pytest.mark.parametrize("layout", ["padding_free", "share_prompt"])
+def test_mask_ignoring_custom_model_refuses_the_layout_before_training(custom_dirs, tokenizer, tmp_path, layout):
+    trainer, initial = run(custom_dirs[False], tokenizer, tmp_path, **{layout: True})
+    with pytest.raises(LayoutMismatchError) as raised:
+        trainer.train()
+    message = str(raised.value)
+    assert "TinyCustomForCausalLM" in message and f"the {layout} layout" in message
+    difference = float(message.split("max per-token log-prob difference ")[1].split()[0])
+    assert difference > 1e-2  # the measured difference, far beyond the fp32 tolerance
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())  # no optimizer step ran
+    assert layout_verdict(trainer.model, layout)[0] is False
+
+
+def test_mask_ignoring_custom_model_trains_with_the_default_layout(custom_dirs, tokenizer, tmp_path):
+    trainer, initial = run(custom_dirs[False], tokenizer, tmp_path)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert not all(torch.equal(p, initial[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_mask_honouring_custom_model_keeps_the_layout(custom_dirs, tokenizer, tmp_path):
+    trainer, _ = run(custom_dirs[True], tokenizer, tmp_path, padding_free=True, share_prompt=True)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    ok, detail = layout_verdict(trainer.model, "padding_free+share_prompt")
+    assert ok, detail
+    assert float(detail.split("difference ")[1].split()[0]) < 1e-5
