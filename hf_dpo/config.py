@@ -172,6 +172,13 @@ class DPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Kept False: the DPO collator needs the tokenized pair columns, which the model's forward does not name."},
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow custom modeling code from the checkpoint directory (auto_map in config.json) when the trainer "
+            "loads the policy or reference from a name/path; off by default because it executes that code."
+        },
+    )
 
     def __post_init__(self):
         self.beta_is_default = self.beta is None

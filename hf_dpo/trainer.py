@@ -78,9 +78,9 @@ class NormalizedDPOTrainer(Trainer):
     ):
         args = as_dpo_config(args)
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=args.trust_remote_code)
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, trust_remote_code=args.trust_remote_code)
         if peft_config is not None and not is_peft_model(model):
             from peft import get_peft_model
 

@@ -97,3 +97,18 @@ def test_mask_honouring_custom_model_keeps_the_layout(custom_dirs, tokenizer, tm
     ok, detail = layout_verdict(trainer.model, "padding_free+share_prompt")
     assert ok, detail
     assert float(detail.split("difference ")[1].split()[0]) < 1e-5
+
+
+def test_trainer_loads_custom_code_only_with_trust_remote_code(custom_dirs, tokenizer, tmp_path):
+    rows = make_preference_rows(4, seed=0)
+    common = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        NormalizedDPOTrainer(model=str(custom_dirs[True]), args=DPOConfig(**common), train_dataset=rows, processing_class=tokenizer)
+    args = DPOConfig(trust_remote_code=True, **common)
+    trainer = NormalizedDPOTrainer(
+        model=str(custom_dirs[True]), ref_model=str(custom_dirs[True]), args=args, train_dataset=rows, processing_class=tokenizer
+    )
+    assert type(trainer.model).__name__ == type(trainer.ref_model).__name__ == "TinyCustomForCausalLM"
+    assert type(trainer.model).__module__.startswith("transformers_modules")
+    reloaded = AutoModelForCausalLM.from_pretrained(custom_dirs[True], trust_remote_code=True)
+    assert all(torch.equal(p, q) for p, q in zip(trainer.ref_model.parameters(), reloaded.parameters()))
