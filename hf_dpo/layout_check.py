@@ -122,13 +122,20 @@ def compare_layout(model: nn.Module, batch: dict[str, Tensor], padded: dict[str,
     return per_token <= tolerance and per_token == per_token, detail
 
 
-def check_layout(trainer, model: nn.Module, batch: dict[str, Tensor]) -> None:
-    """Verify ``batch``'s layout on the policy and on a separate reference model, once per model; raise on a mismatch."""
+def check_layout(trainer, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Verify ``batch``'s layout on ``model`` and on a separate reference model, once per model; returns the batch to score.
+
+    An explicitly requested layout that fails raises :class:`LayoutMismatchError`; one chosen
+    automatically (``"auto"``) is turned off with one WARNING and the batch comes back in the
+    plain padded layout (so are later packed batches, should a data loader worker still send them).
+    """
     if "logp_positions" not in batch:
-        return
-    layout = layout_name(trainer.args) or "padding_free/share_prompt"
+        return batch
+    choice = getattr(trainer, "layout", None)
+    layout = (choice.name if choice is not None else layout_name(trainer.args)) or "padding_free/share_prompt"
+    explicit = choice.explicit if choice is not None else True
     models = [model]
-    if getattr(trainer, "reference_mode", None) == "model" and trainer.ref_model is not None:
+    if getattr(trainer, "reference_mode", None) == "model" and trainer.ref_model is not None and trainer.ref_model is not model:
         models.append(trainer.ref_model)
     padded = None
     for checked in models:
@@ -139,10 +146,26 @@ def check_layout(trainer, model: nn.Module, batch: dict[str, Tensor]) -> None:
             verdict = compare_layout(checked, batch, padded, trainer.score)
             _set_verdict(checked, layout, verdict)
             logger.info("layout self-check of %s on %s: %s", layout, type(causal_lm(checked)).__name__, verdict[1])
+            if not verdict[0] and not explicit:
+                logger.warning(
+                    "the automatically chosen %s layout does not give the padded path's log-probs on %s (%s): it is "
+                    "turned off for this model, batches are scored padded", layout, type(causal_lm(checked)).__name__, verdict[1],
+                )
         if not verdict[0]:
+            if not explicit:
+                return _as_padded(batch, padded)
             name = type(causal_lm(checked)).__name__
             raise LayoutMismatchError(
                 f"the {layout} layout does not give the padded path's log-probs on {name}: {verdict[1]}. Its attention "
                 "probably ignores the 4D attention mask or the position ids the layout passes. Set padding_free=False "
                 "and share_prompt=False for this model (or load it with an attention implementation that honours them)."
             )
+    return batch
+
+
+def _as_padded(batch: dict[str, Tensor], padded: Optional[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """The padded batch of the same pairs, with the per-pair extras (row ids, cached reference sums) carried over."""
+    padded = dict(padded_equivalent(batch) if padded is None else padded)
+    layout_keys = {"input_ids", "position_ids", "segment_ids", "branch_ids", "logp_positions", "logp_targets", "logp_sequences"}
+    padded.update({k: v for k, v in batch.items() if k not in layout_keys and k not in padded})
+    return padded

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
+from .auto_layout import choose_layouts, log_choice
 from .checkpoints import resolve_resume_checkpoint
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
@@ -77,10 +78,12 @@ class NormalizedDPOTrainer(Trainer):
         **kwargs: Any,
     ):
         args = as_dpo_config(args)
+        # Not a DPOConfig field yet: examples/train.py declares --trust_remote_code in its own ModelArguments.
+        trust_remote_code = bool(getattr(args, "trust_remote_code", False))
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=args.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code)
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, trust_remote_code=args.trust_remote_code)
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, trust_remote_code=trust_remote_code)
         if peft_config is not None and not is_peft_model(model):
             from peft import get_peft_model
 
@@ -91,20 +94,23 @@ class NormalizedDPOTrainer(Trainer):
             disable_dropout(model)
         self.reference_mode = resolve_reference_mode(model, ref_model, args.reference, args.loss_type)
         self.ref_model = build_reference_model(model, ref_model, self.reference_mode)
-        check_layout_support(model, args.share_prompt)
+        if args.share_prompt is True:
+            check_layout_support(model, True)
 
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if data_collator is None:
-            if tokenizer is None:
-                raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            data_collator = build_collator(pad_id, args)  # DPOCollator unless padding_free / share_prompt
         self.data_reports = {}
         train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare_dataset(v, tokenizer, args, f"eval_{k}") for k, v in eval_dataset.items()}
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, args, "eval")
+        self.layout = choose_layouts(args, model, train_dataset)  # resolves "auto"; verified on the first batch
+        if data_collator is None:
+            if tokenizer is None:
+                raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            data_collator = build_collator(pad_id, self.layout)  # DPOCollator unless padding_free / share_prompt
+            log_choice(self.layout, args)
 
         super().__init__(
             model=model,
@@ -125,7 +131,7 @@ class NormalizedDPOTrainer(Trainer):
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
         if wants_length_grouping(args):
-            self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, args.share_prompt)
+            self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, self.layout.share_prompt)
         if args.precompute_ref_logps:
             precompute_reference(self)  # adds ref_*_logp_sums columns, releases self.ref_model
 
@@ -178,7 +184,7 @@ class NormalizedDPOTrainer(Trainer):
     def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses ``(B,)`` and the batch's metrics (scalars) for ``batch``."""
         args = self.args
-        check_layout(self, model, batch)  # once per model: the packed layouts must give the padded numbers
+        batch = check_layout(self, model, batch)  # once per model: the packed layouts must give the padded numbers
         policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
         ref_sums = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self.score)
         n_pairs = counts.shape[0] // 2

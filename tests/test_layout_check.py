@@ -63,7 +63,7 @@ def run(directory, tokenizer, output_dir, **layout):
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = DPOConfig(
         output_dir=str(output_dir), report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, seed=0, **layout,
+        max_steps=2, logging_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, seed=0, **layout,
     )
     trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
     return trainer, initial
@@ -71,7 +71,8 @@ def run(directory, tokenizer, output_dir, **layout):
 
 @pytest.mark.parametrize("layout", ["padding_free", "share_prompt"])
 def test_mask_ignoring_custom_model_refuses_the_layout_before_training(custom_dirs, tokenizer, tmp_path, layout):
-    trainer, initial = run(custom_dirs[False], tokenizer, tmp_path, **{layout: True})
+    other = "share_prompt" if layout == "padding_free" else "padding_free"
+    trainer, initial = run(custom_dirs[False], tokenizer, tmp_path, **{layout: True, other: False})
     with pytest.raises(LayoutMismatchError) as raised:
         trainer.train()
     message = str(raised.value)
@@ -104,7 +105,8 @@ def test_trainer_loads_custom_code_only_with_trust_remote_code(custom_dirs, toke
     common = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match="trust_remote_code"):
         NormalizedDPOTrainer(model=str(custom_dirs[True]), args=DPOConfig(**common), train_dataset=rows, processing_class=tokenizer)
-    args = DPOConfig(trust_remote_code=True, **common)
+    args = DPOConfig(**common)
+    args.trust_remote_code = True  # read with getattr until DPOConfig gets the field (the script's flag owns the name today)
     trainer = NormalizedDPOTrainer(
         model=str(custom_dirs[True]), ref_model=str(custom_dirs[True]), args=args, train_dataset=rows, processing_class=tokenizer
     )
@@ -112,3 +114,38 @@ def test_trainer_loads_custom_code_only_with_trust_remote_code(custom_dirs, toke
     assert type(trainer.model).__module__.startswith("transformers_modules")
     reloaded = AutoModelForCausalLM.from_pretrained(custom_dirs[True], trust_remote_code=True)
     assert all(torch.equal(p, q) for p, q in zip(trainer.ref_model.parameters(), reloaded.parameters()))
+
+
+def test_layout_flags_parse_auto_true_false_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    parse = lambda *argv: HfArgumentParser(DPOConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])[0]
+    default = parse()
+    assert default.padding_free == "auto" and default.share_prompt == "auto"
+    flags = parse("--padding_free", "false", "--share_prompt")
+    assert flags.padding_free is False and flags.share_prompt is True
+    assert parse("--padding_free", "true", "--share_prompt", "auto").padding_free is True
+    with pytest.raises(ValueError, match="--padding_free: got 'maybe'"):
+        DPOConfig(output_dir=str(tmp_path), padding_free="maybe")
+
+
+def test_auto_layout_turns_off_with_one_warning_on_a_mask_ignoring_model(custom_dirs, tokenizer, tmp_path, caplog):
+    auto, _ = run(custom_dirs[False], tokenizer, tmp_path / "auto")
+    # Demo data: prompts are about a third of the tokens, padding about a tenth.
+    assert auto.layout.share_prompt and not auto.layout.explicit and "prompts are 34% of the tokens" in auto.layout.reason
+    with caplog.at_level("WARNING", logger="hf_dpo.layout_check"):
+        auto.train()
+    warnings = [r for r in caplog.records if "turned off for this model" in r.getMessage()]
+    assert len(warnings) == 1 and "TinyCustomForCausalLM" in warnings[0].getMessage()
+    plain, _ = run(custom_dirs[False], tokenizer, tmp_path / "plain", padding_free=False, share_prompt=False)
+    plain.train()
+    losses = lambda trainer: [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    # Scored in the padded layout, the automatic run is the plain run, step for step.
+    assert losses(auto) == pytest.approx(losses(plain), abs=1e-6) and len(losses(plain)) == 2
+
+
+def test_auto_layout_is_kept_on_a_mask_honouring_model(custom_dirs, tokenizer, tmp_path):
+    trainer, _ = run(custom_dirs[True], tokenizer, tmp_path)
+    trainer.train()
+    ok, detail = layout_verdict(trainer.model, trainer.layout.name)
+    assert trainer.layout.share_prompt and ok, detail
