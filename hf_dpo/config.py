@@ -153,8 +153,8 @@ class DPOConfig(TrainingArguments):
         default="auto",
         metadata={
             "help": "auto, true or false. Compute each pair's prompt once: lay out [prompt | chosen | rejected], the "
-            "rejected tokens attending to the prompt but not to the chosen ones (needs attn_implementation sdpa or "
-            "eager). auto: on when prompts are at least 10 percent of the tokens and the model passes the first-batch check.",
+            "rejected tokens attending to the prompt but not to the chosen ones (needs attn_implementation sdpa, eager or "
+            "flex_attention). auto: on when prompts are at least 10 percent of the tokens and the model passes the first-batch check.",
             "nargs": "?",
             "const": "true",
         },
