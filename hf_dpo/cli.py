@@ -318,7 +318,7 @@ def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Opti
 
 
 def load_tokenizer(name: str, training_args: DPOConfig, revision: Optional[str] = None):
-    kwargs: dict[str, Any] = {"trust_remote_code": getattr(training_args, "trust_remote_code", False)}
+    kwargs: dict[str, Any] = {"trust_remote_code": training_args.trust_remote_code}
     if revision:
         kwargs["revision"] = revision
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
@@ -331,7 +331,7 @@ def load_tokenizer(name: str, training_args: DPOConfig, revision: Optional[str] 
 def load_model(name: str, model_args: ModelArguments, training_args: DPOConfig, revision: Optional[str] = None):
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[model_args.torch_dtype],
-        "trust_remote_code": getattr(training_args, "trust_remote_code", False),
+        "trust_remote_code": training_args.trust_remote_code,
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation

@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from transformers import TrainingArguments
 
+from .auto_layout import parse_auto_bool
 from .losses import LOSS_REGISTRY
 from .trl_compat import accept_trl_names
 
@@ -135,11 +136,15 @@ class DPOConfig(TrainingArguments):
             "(soft-capping, logit scaling, PEFT or quantized heads, sharded weights) are detected and use their full logits."
         },
     )
-    padding_free: bool = field(
-        default=False,
+    padding_free: str = field(
+        default="auto",
         metadata={
-            "help": "Pack each batch's 2B sequences into one row without padding; positions restart per sequence and "
-            "attention never crosses sequences (sdpa/eager: an explicit mask; flash attention: from position_ids)."
+            "help": "auto, true or false. Pack each batch's 2B sequences into rows without padding; positions restart per "
+            "sequence and attention never crosses sequences (sdpa/eager: an explicit mask; flash attention: from "
+            "position_ids). auto: on when padding is at least 10 percent of the padded batch and the model passes the "
+            "first-batch check, in rows bounded by the longest sequence on sdpa/eager.",
+            "nargs": "?",
+            "const": "true",
         },
     )
     padding_free_max_row_tokens: Optional[int] = field(
@@ -151,11 +156,14 @@ class DPOConfig(TrainingArguments):
             "the padded cost. Leave unset for flash attention, whose variable-length kernel prefers one row."
         },
     )
-    share_prompt: bool = field(
-        default=False,
+    share_prompt: str = field(
+        default="auto",
         metadata={
-            "help": "Compute each pair's prompt once: lay out [prompt | chosen | rejected], the rejected tokens "
-            "attending to the prompt but not to the chosen ones (needs attn_implementation sdpa or eager)."
+            "help": "auto, true or false. Compute each pair's prompt once: lay out [prompt | chosen | rejected], the "
+            "rejected tokens attending to the prompt but not to the chosen ones (needs attn_implementation sdpa, eager or "
+            "flex_attention). auto: on when prompts are at least 10 percent of the tokens and the model passes the first-batch check.",
+            "nargs": "?",
+            "const": "true",
         },
     )
     precompute_ref_logps: bool = field(
@@ -194,9 +202,19 @@ class DPOConfig(TrainingArguments):
             "true, else off; 0 logs aux_loss without training on it."
         },
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow custom modeling and tokenizer code from a checkpoint's directory or hub repository "
+            "(auto_map) whenever hf_dpo or hf-dpo loads a model or tokenizer by name or path. Off by default: "
+            "it runs that code."
+        },
+    )
 
     def __post_init__(self):
         self.beta_is_default = self.beta is None
+        self.padding_free = parse_auto_bool("padding_free", self.padding_free)
+        self.share_prompt = parse_auto_bool("share_prompt", self.share_prompt)
         if self.beta is None:
             self.beta = DEFAULT_BETA_MEAN if self.length_normalize else DEFAULT_BETA_SUM
         _check_choice("loss_type", self.loss_type, LOSS_REGISTRY)

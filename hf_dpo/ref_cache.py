@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from .collator import PASSTHROUGH_FLOAT_COLUMNS
 from .engines import full_tensors, unwrap_engine
+from .layout_check import check_layout
 from .reference import adapter_disabled
 from .tokenization import TOKENIZED_COLUMNS
 
@@ -145,7 +146,7 @@ def compute_reference_sums(trainer, dataset: datasets.Dataset, description: str)
     pieces = []
     try:
         for batch in tqdm(loader, desc=description, disable=not accelerator.is_local_main_process or args.disable_tqdm):
-            batch = trainer._prepare_inputs(batch)
+            batch = check_layout(trainer, scorer, trainer._prepare_inputs(batch))  # a packed layout proves itself first
             with torch.no_grad(), accelerator.autocast():
                 if trainer.reference_mode == "adapter":
                     with adapter_disabled(scorer):

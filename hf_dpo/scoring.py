@@ -29,7 +29,7 @@ from .packing import attention_mask_4d
 Tensor = torch.Tensor
 
 # Attention implementations that take our (R, 1, L, L) mask as given.
-MASK_4D_IMPLEMENTATIONS = ("sdpa", "eager")
+MASK_4D_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def attention_implementation(model: nn.Module) -> str:
@@ -44,6 +44,18 @@ def check_layout_support(model: nn.Module, share_prompt: bool) -> None:
             f"--share_prompt needs attention that takes a custom 4D mask ({' or '.join(MASK_4D_IMPLEMENTATIONS)}), "
             f"but the model uses attn_implementation={implementation!r}; load it with attn_implementation='sdpa'"
         )
+
+
+def flex_block_mask(segment_ids: Tensor, branch_ids: Tensor):
+    """FlexAttention ``BlockMask`` of the same rule as :func:`~hf_dpo.packing.attention_mask_4d`, without a dense (L x L) mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q, k):
+        same_branch = (branch_ids[b, k] == 0) | (branch_ids[b, k] == branch_ids[b, q])
+        return (segment_ids[b, q] == segment_ids[b, k]) & (q >= k) & same_branch
+
+    rows, width = segment_ids.shape
+    return create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment_ids.device)
 
 
 def logp_plan(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -72,6 +84,8 @@ def model_inputs(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor
     elif implementation == "eager":
         dtype = causal_lm(model).get_input_embeddings().weight.dtype
         inputs["attention_mask"] = attention_mask_4d(batch["segment_ids"], batch["branch_ids"], dtype)
+    elif implementation == "flex_attention":
+        inputs["attention_mask"] = flex_block_mask(batch["segment_ids"], batch["branch_ids"])
     elif bool((batch["branch_ids"] != 0).any()):
         check_layout_support(model, share_prompt=True)
     # Otherwise (flash / flex attention, padding-free only): transformers finds the sequences

@@ -17,12 +17,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
+from .auto_layout import choose_layouts, log_choice
 from .checkpoints import resolve_resume_checkpoint
 from .collator import default_pad_token_id
 from .config import DPOConfig
 from .data import is_canonical, load_preference_dataset
 from .engines import EngineCheck, check_launch, prepare_reference
 from .guards import install_guards
+from .layout_check import check_layout
 from .logprobs import sequence_logps
 from .model_card import write_model_card
 from .moe import RouterAux
@@ -80,10 +82,11 @@ class NormalizedDPOTrainer(Trainer):
         **kwargs: Any,
     ):
         args = as_dpo_config(args)
+        trust_remote_code = args.trust_remote_code
         if isinstance(model, str):
-            model = AutoModelForCausalLM.from_pretrained(model)
+            model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=trust_remote_code)
         if isinstance(ref_model, str):
-            ref_model = AutoModelForCausalLM.from_pretrained(ref_model)
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, trust_remote_code=trust_remote_code)
         if peft_config is not None and not is_peft_model(model):
             from peft import get_peft_model
 
@@ -94,19 +97,25 @@ class NormalizedDPOTrainer(Trainer):
             disable_dropout(model)
         self.reference_mode = resolve_reference_mode(model, ref_model, args.reference, args.loss_type)
         self.ref_model = build_reference_model(model, ref_model, self.reference_mode)
-        check_layout_support(model, args.share_prompt)
+        if args.share_prompt is True:
+            check_layout_support(model, True)
 
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        if data_collator is None:
-            if tokenizer is None:
-                raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
-            data_collator = build_collator(default_pad_token_id(tokenizer), args)  # DPOCollator unless padding_free / share_prompt
         self.data_reports = {}
         train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare_dataset(v, tokenizer, args, f"eval_{k}") for k, v in eval_dataset.items()}
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, args, "eval")
+        self.router_aux = RouterAux(model, self.ref_model, args.router_aux_loss_coef)  # MoE load balancing: hf_dpo/moe.py
+        self.router_aux.refuse_packed_layouts(args.padding_free, args.share_prompt)
+        packed_refusal = None if self.router_aux.coef is None else "an MoE router aux loss needs the padded layout"
+        self.layout = choose_layouts(args, model, train_dataset, packed_refusal)  # resolves "auto"; verified on the first batch
+        if data_collator is None:
+            if tokenizer is None:
+                raise ValueError("processing_class (the tokenizer) is required to build the default DPOCollator")
+            data_collator = build_collator(default_pad_token_id(tokenizer), self.layout)  # DPOCollator unless padding_free / share_prompt
+            log_choice(self.layout, args)
 
         super().__init__(
             model=model,
@@ -128,10 +137,8 @@ class NormalizedDPOTrainer(Trainer):
         self.add_callback(EngineCheck(self))
         if self.ref_model is not None:
             self.ref_model = prepare_reference(self, self.ref_model)  # sharded like the policy: hf_dpo/engines.py
-        self.router_aux = RouterAux(self.model, self.ref_model, args.router_aux_loss_coef)  # MoE load balancing: hf_dpo/moe.py
-        self.router_aux.refuse_packed_layouts(args.padding_free, args.share_prompt)
         if wants_length_grouping(args):
-            self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, args.share_prompt)
+            self.train_dataset = add_length_column(self.train_dataset, args.length_column_name, self.layout.share_prompt)
         if args.precompute_ref_logps:
             precompute_reference(self)  # adds ref_*_logp_sums columns, releases self.ref_model
 
@@ -196,6 +203,7 @@ class NormalizedDPOTrainer(Trainer):
     def pair_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses ``(B,)`` and the batch's metrics (scalars) for ``batch``."""
         args = self.args
+        batch = check_layout(self, model, batch)  # once per model: the packed layouts must give the padded numbers
         with self.router_aux.capture():  # the policy's router logits, never the reference's
             policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
         aux_loss = self.router_aux.loss(batch)

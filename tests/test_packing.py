@@ -138,7 +138,11 @@ def test_length_column_and_trainer_sampler(tmp_path):
     assert dataset["length"] == [12, 14, 19, 26]
 
     tokenizer = build_tokenizer("chatml")
-    args = DPOConfig(output_dir=str(tmp_path), train_sampling_strategy="group_by_length", per_device_train_batch_size=2, report_to=[])
-    trainer = NormalizedDPOTrainer(build_model(tokenizer), args=args, train_dataset=dataset.remove_columns("length"), processing_class=tokenizer)
-    sampler = trainer._get_train_sampler()
-    assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == [12, 14, 19, 26]
+    for share_prompt, widths in (("false", [12, 14, 19, 26]), ("auto", [14, 19, 24, 29])):
+        args = DPOConfig(output_dir=str(tmp_path), train_sampling_strategy="group_by_length", per_device_train_batch_size=2,
+                         report_to=[], share_prompt=share_prompt)
+        trainer = NormalizedDPOTrainer(build_model(tokenizer), args=args, train_dataset=dataset.remove_columns("length"), processing_class=tokenizer)
+        # "auto" shares the prompts here (they are 36 of 122 tokens), so the lengths are the shared units' widths.
+        assert trainer.layout.share_prompt is (share_prompt == "auto")
+        sampler = trainer._get_train_sampler()
+        assert isinstance(sampler, LengthGroupedSampler) and sampler.lengths == widths

@@ -105,3 +105,20 @@ def test_trainer_losses_equal_across_layouts(tmp_path):
         torch.testing.assert_close(loss, results["plain"][0], rtol=0, atol=1e-6, msg=name)
         torch.testing.assert_close(grad, results["plain"][1], rtol=0, atol=1e-6, msg=name)
     assert abs(results["plain"][0].item() - 0.6931) > 1e-3
+
+
+def test_layouts_with_flex_attention_equal_padded_fp32():
+    """One small case (FlexAttention compiles on its first call): padding-free + shared prompt through a BlockMask."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from hf_dpo.scoring import score_batch
+
+    tokenizer = build_tokenizer("chatml")
+    model = build_model(tokenizer, hidden_size=32, num_layers=2)
+    model.config._attn_implementation = "sdpa"
+    features = random_features(3, seed=2, prompt_mask=True)
+    with torch.no_grad():
+        want, want_counts = score_batch(model, DPOCollator(tokenizer.pad_token_id)(features))
+        model.set_attn_implementation("flex_attention")
+        got, counts = score_batch(model, PackedDPOCollator(tokenizer.pad_token_id, padding_free=True, share_prompt=True)(features))
+    assert torch.equal(counts, want_counts)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
