@@ -150,6 +150,7 @@ def test_trainer_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, cap
     args = DPOConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[], save_strategy="no",
         use_cpu=True, disable_tqdm=True, max_length=64, learning_rate=1e-3,
+        padding_free=False, share_prompt=False,  # the padded layout, whose pad positions are checked below
     )
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
     with caplog.at_level(logging.WARNING, logger="hf_dpo.collator"):
