@@ -1,6 +1,7 @@
 """examples/train.py, run as a user runs it: python, accelerate launch (DDP over gloo), LoRA, config files."""
 
 import json
+import shutil
 import math
 import os
 import re
@@ -97,8 +98,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(single_run, tmp_path):
-    """2 processes x 4 pairs == 1 process x 8 pairs, step by step.
+def launch_target(entry: str) -> list:
+    """What follows ``accelerate launch``'s own flags: the module, or the installed console script."""
+    if entry == "module":
+        return ["-m", "hf_dpo"]
+    script = shutil.which("hf-dpo")
+    assert script, "hf-dpo is not on PATH: reinstall the package (pip install -e \".[dev]\")"
+    return [script]
+
+
+@pytest.mark.parametrize("entry", ["module", "console_script"])
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(entry, single_run, tmp_path):
+    """2 processes x 4 pairs == 1 process x 8 pairs, step by step, launched as the docs show:
+    ``accelerate launch -m hf_dpo`` and ``accelerate launch $(which hf-dpo)``.
 
     Trainer's seedable sampler draws one permutation from the seed, whatever the world
     size; accelerate hands consecutive 4-pair slices of it to rank 0 and rank 1, so the
@@ -110,7 +122,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(single_run
     output_dir = tmp_path / "ddp"
     run([
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
-        "--main_process_port", _free_port(), TRAIN,
+        "--main_process_port", _free_port(), *launch_target(entry),
         "--output_dir", output_dir, "--per_device_train_batch_size", "4", *QUICK,
     ])
     summary = json.loads((output_dir / "summary.json").read_text())
