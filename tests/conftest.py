@@ -1,5 +1,10 @@
 """Suite-wide settings shared by the test modules."""
 
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,3 +20,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def hf_dpo_command() -> str:
+    """The installed ``hf-dpo`` console script of the interpreter running the tests.
+
+    Looked up in that interpreter's scripts folder first (where pip writes it, whatever PATH's shims
+    know), then on PATH. Not a skip when missing: CI installs the package, so that is a packaging bug.
+    """
+    script = Path(sysconfig.get_path("scripts")) / ("hf-dpo.exe" if sys.platform == "win32" else "hf-dpo")
+    path = str(script) if script.is_file() else shutil.which("hf-dpo")
+    if path is None:
+        pytest.fail("hf-dpo is not installed: reinstall the package (pip install -e '.[dev]') so its console script exists")
+    return path

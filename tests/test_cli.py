@@ -16,14 +16,6 @@ QUICK = ["--max_steps", "6", "--warmup_steps", "0", "--logging_steps", "1", "--m
          "--per_device_eval_batch_size", "32", "--per_device_train_batch_size", "8"]
 
 
-@pytest.fixture(scope="session")
-def hf_dpo_command():
-    path = shutil.which("hf-dpo")
-    if path is None:  # not a skip: CI installs the package, so a missing command is a packaging bug
-        pytest.fail("hf-dpo is not on PATH: reinstall the package (pip install -e '.[dev]') so its console script exists")
-    return path
-
-
 def run(command, cwd=ROOT, timeout=300):
     proc = subprocess.run([str(c) for c in command], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"

@@ -1,7 +1,6 @@
 """examples/train.py, run as a user runs it: python, accelerate launch (DDP over gloo), LoRA, config files."""
 
 import json
-import shutil
 import math
 import os
 import re
@@ -98,17 +97,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_target(entry: str) -> list:
-    """What follows ``accelerate launch``'s own flags: the module, or the installed console script."""
-    if entry == "module":
-        return ["-m", "hf_dpo"]
-    script = shutil.which("hf-dpo")
-    assert script, "hf-dpo is not on PATH: reinstall the package (pip install -e \".[dev]\")"
-    return [script]
-
-
 @pytest.mark.parametrize("entry", ["module", "console_script"])
-def test_ddp_two_processes_match_one_process_on_the_same_global_batch(entry, single_run, tmp_path):
+def test_ddp_two_processes_match_one_process_on_the_same_global_batch(entry, single_run, hf_dpo_command, tmp_path):
     """2 processes x 4 pairs == 1 process x 8 pairs, step by step, launched as the docs show:
     ``accelerate launch -m hf_dpo`` and ``accelerate launch $(which hf-dpo)``.
 
@@ -122,7 +112,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(entry, sin
     output_dir = tmp_path / "ddp"
     run([
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
-        "--main_process_port", _free_port(), *launch_target(entry),
+        "--main_process_port", _free_port(), *(["-m", "hf_dpo"] if entry == "module" else [hf_dpo_command]),
         "--output_dir", output_dir, "--per_device_train_batch_size", "4", *QUICK,
     ])
     summary = json.loads((output_dir / "summary.json").read_text())
