@@ -374,11 +374,12 @@ def write_plot(log_history: list[dict], output_dir: Path) -> Optional[Path]:
 
         return plot_training_curves(log_history, output_dir / "training_curves.png", title=str(output_dir))
     except ImportError as err:
-        print(f"Skipping the training-curve plot: {err}")
+        print(f"Skipping the training-curve plot: {err}")  # one line on stdout beside the closing screen
         return None
 
 
 def print_summary(summary: dict[str, Any]) -> None:
+    """The run's closing screen on stdout: the command's result, so a print, not a log record."""
     before, after = summary["held_out"]["before"], summary["held_out"]["after"]
     lines = [f"\n==== hf_dpo: finished in {summary['time_s']:.1f} s ===="]
     if before and after:
