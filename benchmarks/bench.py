@@ -59,17 +59,35 @@ SIZES = {
     # Little compute, large vocabulary: the projection and logits dominate.
     "large_vocab": dict(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=384, vocab=32000, max_length=1024),
     # Qwen2.5-0.5B shape (494M parameters, 151,936-token vocabulary, tied embeddings, q/k/v biases).
-    "gpu": dict(arch="qwen2", hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
-                max_length=2048, tied=True),
+    "gpu": dict(
+        arch="qwen2",
+        hidden=896,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        intermediate=4864,
+        vocab=151936,
+        max_length=2048,
+        tied=True,
+    ),
     # The same architecture at a size the CPU dry run of the GPU benchmark trains in seconds.
-    "gpu_tiny": dict(arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, vocab=1024,
-                     max_length=128, tied=True),
+    "gpu_tiny": dict(
+        arch="qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=192, vocab=1024, max_length=128, tied=True
+    ),
 }
 # One command per preset; any option given explicitly overrides the preset's value.
 PRESETS = {
     # benchmarks/gpu.sh: one table, within 8 minutes on one H200 (the deadline stops launching new runs).
-    "gpu": dict(size="gpu", data="standard", impls="trl,hf_dpo,hf_dpo+padded,minimind,minimind+dyn", steps=8, warmup=2,
-                repeats=2, deadline=420, timeout=180),
+    "gpu": dict(
+        size="gpu",
+        data="standard",
+        impls="trl,hf_dpo,hf_dpo+padded,minimind,minimind+dyn",
+        steps=8,
+        warmup=2,
+        repeats=2,
+        deadline=420,
+        timeout=180,
+    ),
 }
 # The CPU suite of docs/performance.md. Per-configuration steps and repeats keep it under 10 minutes on 2 cores:
 # TRL's large-vocabulary step takes ~28 s on CPU and varies little, so it runs once, one timed step.
@@ -107,9 +125,16 @@ def build_model(size: dict, seed: int, dtype: str):
 
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[size.get("arch", "llama")]
     config = config_class(
-        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
-        max_position_embeddings=max(4096, size["max_length"]), pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=max(4096, size["max_length"]),
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
         tie_word_embeddings=size.get("tied", False),
     )
     torch.manual_seed(seed)
@@ -135,11 +160,13 @@ def make_rows(n: int, vocab: int, max_length: int, mix: str, seed: int) -> list[
     for _ in range(n):
         n_prompt = draw(prompt_frac, 4, max_prompt)
         budget = max_length - n_prompt - 1  # the EOS both libraries append
-        rows.append({
-            "prompt": words(n_prompt),
-            "chosen": " " + words(draw(response_frac, 1, budget)),
-            "rejected": " " + words(draw(response_frac, 1, budget)),
-        })
+        rows.append(
+            {
+                "prompt": words(n_prompt),
+                "chosen": " " + words(draw(response_frac, 1, budget)),
+                "rejected": " " + words(draw(response_frac, 1, budget)),
+            }
+        )
     return rows
 
 
@@ -343,7 +370,11 @@ def run_worker(case: dict) -> dict:
         if step is None:
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            marks["rss_start"], marks["ends"], marks["cpu"] = sampler.rss(), [time.perf_counter()], [time.process_time()]
+            marks["rss_start"], marks["ends"], marks["cpu"] = (
+                sampler.rss(),
+                [time.perf_counter()],
+                [time.process_time()],
+            )
             return
         marks["ends"].append(time.perf_counter())
         marks["cpu"].append(time.process_time())
@@ -361,10 +392,21 @@ def run_worker(case: dict) -> dict:
     else:
         train = datasets.Dataset.from_list(rows)
         common = dict(
-            output_dir=tempfile.mkdtemp(prefix="hf_dpo_bench_"), per_device_train_batch_size=batch_size,
-            max_steps=steps + warmup, learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to=[],
-            seed=case["seed"], bf16=bf16, gradient_checkpointing=case["gc"], dataloader_num_workers=0,
-            disable_tqdm=True, use_cpu=device == "cpu", max_length=max_length, beta=0.1,
+            output_dir=tempfile.mkdtemp(prefix="hf_dpo_bench_"),
+            per_device_train_batch_size=batch_size,
+            max_steps=steps + warmup,
+            learning_rate=1e-5,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=case["seed"],
+            bf16=bf16,
+            gradient_checkpointing=case["gc"],
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            use_cpu=device == "cpu",
+            max_length=max_length,
+            beta=0.1,
             precompute_ref_batch_size=batch_size,
             # Rows in file order for every contestant, the plain loop included: the same pairs in the same batches.
             train_sampling_strategy="sequential",
@@ -378,8 +420,14 @@ def run_worker(case: dict) -> dict:
             from hf_dpo import DPOConfig, NormalizedDPOTrainer
 
             # length_normalize=False and sigmoid: TRL's loss, so final losses compare; no layout flag unless named.
-            args = DPOConfig(**common, max_prompt_length=max_length - 1, length_normalize=False, loss_type="sigmoid",
-                             ref_logps_cache_dir="", **hf_dpo_options(options))
+            args = DPOConfig(
+                **common,
+                max_prompt_length=max_length - 1,
+                length_normalize=False,
+                loss_type="sigmoid",
+                ref_logps_cache_dir="",
+                **hf_dpo_options(options),
+            )
             trainer = NormalizedDPOTrainer(model, ref_model, args=args, train_dataset=train, processing_class=tokenizer)
         else:
             raise ValueError(f"unknown implementation {case['impl']!r}; known: trl, hf_dpo, minimind (+options)")
@@ -472,13 +520,27 @@ def summarize(results: list[dict], baseline: str) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["size"], r["data"], r["impl"]), []).append(r)
-    keys = ("tokens_per_s", "tokens_per_cpu_s", "median_step_s", "median_step_cpu_s", "peak_rss_mb", "rss_rise_mb", "cuda_peak_mb", "final_loss", "mfu", "setup_s", "computed_fraction")
+    keys = (
+        "tokens_per_s",
+        "tokens_per_cpu_s",
+        "median_step_s",
+        "median_step_cpu_s",
+        "peak_rss_mb",
+        "rss_rise_mb",
+        "cuda_peak_mb",
+        "final_loss",
+        "mfu",
+        "setup_s",
+        "computed_fraction",
+    )
     rows = []
     for (size, data, impl), runs in groups.items():
         row = {"size": size, "data": data, "impl": impl, "repeats": len(runs), **{k: median_of(runs, k) for k in keys}}
         rows.append(row)
     for row in rows:
-        base = next((r for r in rows if (r["size"], r["data"], r["impl"]) == (row["size"], row["data"], baseline)), None)
+        base = next(
+            (r for r in rows if (r["size"], r["data"], r["impl"]) == (row["size"], row["data"], baseline)), None
+        )
         for key in ("tokens_per_s", "tokens_per_cpu_s", "median_step_s", "peak_rss_mb", "rss_rise_mb", "cuda_peak_mb"):
             value, reference = row.get(key), base.get(key) if base else None
             row[f"{key}_ratio"] = value / reference if value is not None and reference else None
@@ -543,27 +605,42 @@ def plan(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--preset", default=None, choices=list(PRESETS), help="a named benchmark (gpu: benchmarks/gpu.sh)")
+    parser.add_argument(
+        "--preset", default=None, choices=list(PRESETS), help="a named benchmark (gpu: benchmarks/gpu.sh)"
+    )
     parser.add_argument("--size", default=None, choices=list(SIZES), help="one configuration instead of the CPU suite")
     parser.add_argument("--data", default=None, choices=list(DATA_MIXES), help="data mix of --size (default standard)")
-    parser.add_argument("--impls", default=None, help="comma-separated implementations (see the docstring); "
-                        "with --size the default is trl,hf_dpo,hf_dpo+padded")
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated implementations (see the docstring); with --size the default is trl,hf_dpo,hf_dpo+padded",
+    )
     parser.add_argument("--baseline", default=None, help="the implementation the ratios divide by (default trl)")
     parser.add_argument("--batch", type=int, default=None, help="pairs per batch (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 2, or the suite's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="alternating repeats of every run, medians reported "
-                        "(default 2, or the suite's per implementation)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="alternating repeats of every run, medians reported (default 2, or the suite's per implementation)",
+    )
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="on for every implementation")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
     parser.add_argument("--cpu", action="store_true", help="stay on CPU even if a GPU is present")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run (default 900)")
-    parser.add_argument("--deadline", type=float, default=None, help="launch no new run after this many seconds; "
-                        "the table reports the repeats done (default: none)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="launch no new run after this many seconds; the table reports the repeats done (default: none)",
+    )
     parser.add_argument("--json", default=None, help="write all runs and the summary here")
     args = parser.parse_args(argv)
 
@@ -584,8 +661,14 @@ def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available() and not args.cpu
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     entries = plan(args)
-    base_case = dict(batch=args.batch, dtype=dtype, gc=args.gradient_checkpointing, threads=args.threads, cpu=args.cpu,
-                     seed=args.seed)
+    base_case = dict(
+        batch=args.batch,
+        dtype=dtype,
+        gc=args.gradient_checkpointing,
+        threads=args.threads,
+        cpu=args.cpu,
+        seed=args.seed,
+    )
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     results, skipped = [], []
@@ -599,8 +682,15 @@ def main(argv=None) -> int:
                 if left <= 0:
                     skipped.append(label)
                     continue
-                case = dict(base_case, size=entry["size"], data=entry["data"], impl=impl, repeat=repeat,
-                            steps=entry["steps"], warmup=entry["warmup"])
+                case = dict(
+                    base_case,
+                    size=entry["size"],
+                    data=entry["data"],
+                    impl=impl,
+                    repeat=repeat,
+                    steps=entry["steps"],
+                    warmup=entry["warmup"],
+                )
                 try:
                     result = launch(case, min(args.timeout, left + 60))
                 except subprocess.TimeoutExpired:
@@ -608,30 +698,51 @@ def main(argv=None) -> int:
                     print(f"[{time.perf_counter() - started:6.0f}s] {label}: timed out", file=sys.stderr, flush=True)
                     continue
                 results.append(result)
-                memory = (f"CUDA peak {result['cuda_peak_mb']:.0f} MB" if result["cuda_peak_mb"] is not None
-                          else f"peak RSS {result['peak_rss_mb']:.0f} MB")
-                print(f"[{time.perf_counter() - started:6.0f}s] {label}: {result['tokens_per_s']:.0f} tokens/s, "
-                      f"median step {result['median_step_s']:.3f}s, {memory}, MFU {result['mfu']:.3f}, "
-                      f"loss {result['final_loss']}", file=sys.stderr, flush=True)
+                memory = (
+                    f"CUDA peak {result['cuda_peak_mb']:.0f} MB"
+                    if result["cuda_peak_mb"] is not None
+                    else f"peak RSS {result['peak_rss_mb']:.0f} MB"
+                )
+                print(
+                    f"[{time.perf_counter() - started:6.0f}s] {label}: {result['tokens_per_s']:.0f} tokens/s, "
+                    f"median step {result['median_step_s']:.3f}s, {memory}, MFU {result['mfu']:.3f}, "
+                    f"loss {result['final_loss']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     rows, tables = [], []
     for entry in entries:
         subset = [r for r in results if (r["size"], r["data"]) == (entry["size"], entry["data"])]
         summary = [dict(r, baseline=entry["baseline"]) for r in summarize(subset, entry["baseline"])]
         rows += summary
         steps = f"{entry['warmup']} warm-up + {entry['steps']} timed steps"
-        tables.append(f"**{entry['size']} / {entry['data']}** (max_length {SIZES[entry['size']]['max_length']}; {steps}; "
-                      f"ratios to {entry['baseline']})\n\n" + markdown(summary, entry["baseline"]))
+        tables.append(
+            f"**{entry['size']} / {entry['data']}** (max_length {SIZES[entry['size']]['max_length']}; {steps}; "
+            f"ratios to {entry['baseline']})\n\n" + markdown(summary, entry["baseline"])
+        )
     peaks = sorted({round(r["matmul_peak_tflops"], 3) for r in results})
-    header = (f"Command: `{command}`\n\nMachine: {machine(args.threads)}\n\nDate: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
-              f"wall time {time.perf_counter() - started:.0f} s; {dtype}; gradient checkpointing "
-              f"{'on' if args.gradient_checkpointing else 'off'}; batch {args.batch} pairs; measured {dtype} matmul "
-              f"peak {', '.join(map(str, peaks)) or '-'} TFLOP/s (MFU's denominator, per run)\n")
+    header = (
+        f"Command: `{command}`\n\nMachine: {machine(args.threads)}\n\nDate: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"wall time {time.perf_counter() - started:.0f} s; {dtype}; gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; batch {args.batch} pairs; measured {dtype} matmul "
+        f"peak {', '.join(map(str, peaks)) or '-'} TFLOP/s (MFU's denominator, per run)\n"
+    )
     if skipped:
         header += f"\nNot run (deadline {args.deadline:.0f} s or timeout): {'; '.join(skipped)}\n"
     print(header + "\n" + "\n\n".join(tables))
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "machine": machine(args.threads), "runs": results,
-                                               "summary": rows, "skipped": skipped}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "machine": machine(args.threads),
+                    "runs": results,
+                    "summary": rows,
+                    "skipped": skipped,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

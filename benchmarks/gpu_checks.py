@@ -28,19 +28,37 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's hf_dpo, also when run as a script
 
-from hf_dpo.collator import DPOCollator  # noqa: E402
-from hf_dpo.fused_logprobs import projection_verdict  # noqa: E402
+from hf_dpo.layouts.packed import PackedDPOCollator  # noqa: E402
+from hf_dpo.layouts.padded import DPOCollator  # noqa: E402
 from hf_dpo.losses import sigmoid_loss  # noqa: E402
-from hf_dpo.logprobs import sequence_logps  # noqa: E402
-from hf_dpo.packing import PackedDPOCollator  # noqa: E402
 from hf_dpo.scoring import score_batch  # noqa: E402
+from hf_dpo.scoring.head import projection_verdict  # noqa: E402
+from hf_dpo.scoring.logprobs import sequence_logps  # noqa: E402
 
 # Same shapes as bench.py's "gpu" and "gpu_tiny" sizes (tied embeddings, grouped key-value heads).
 SIZES = {
-    "gpu": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                intermediate_size=4864, vocab_size=151936, pairs=4, prompt=(32, 256), response=(16, 256)),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=192, vocab_size=1024, pairs=3, prompt=(3, 12), response=(2, 10)),
+    "gpu": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        pairs=4,
+        prompt=(32, 256),
+        response=(16, 256),
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=192,
+        vocab_size=1024,
+        pairs=3,
+        prompt=(3, 12),
+        response=(2, 10),
+    ),
 }
 
 # fp32 paths differ only in summation order (other kernels, other masks, other row widths): float32 rounding is
@@ -59,9 +77,22 @@ def build_model(size: dict, attn: str, seed: int, device: torch.device):
     import transformers
 
     config = transformers.Qwen2Config(
-        **{k: size[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                "intermediate_size", "vocab_size")},
-        max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        **{
+            k: size[k]
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "intermediate_size",
+                "vocab_size",
+            )
+        },
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
     )
     # Initialised on the device itself: 494M parameters initialise in seconds on a GPU, not a minute on its CPUs.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
@@ -82,11 +113,15 @@ def random_features(size: dict, seed: int = 0) -> list[dict]:
         for side in ("chosen", "rejected"):
             n = int(torch.randint(r_lo, r_hi + 1, (1,), generator=generator))
             sides[side] = torch.randint(3, vocab, (n,), generator=generator).tolist()
-        features.append({
-            "chosen_input_ids": prompt + sides["chosen"], "chosen_response_mask": [0] * n_prompt + [1] * len(sides["chosen"]),
-            "rejected_input_ids": prompt + sides["rejected"],
-            "rejected_response_mask": [0] * n_prompt + [1] * len(sides["rejected"]), "prompt_length": n_prompt,
-        })
+        features.append(
+            {
+                "chosen_input_ids": prompt + sides["chosen"],
+                "chosen_response_mask": [0] * n_prompt + [1] * len(sides["chosen"]),
+                "rejected_input_ids": prompt + sides["rejected"],
+                "rejected_response_mask": [0] * n_prompt + [1] * len(sides["rejected"]),
+                "prompt_length": n_prompt,
+            }
+        )
     return features
 
 
@@ -157,8 +192,15 @@ def run_checks(size_name: str, device: torch.device) -> dict:
         rows.append(dict(check=check, measured=measured, tolerance=tolerance, passed=bool(measured <= tolerance)))
 
     def fail(check, tolerance, error):
-        rows.append(dict(check=check, measured=float("inf"), tolerance=tolerance, passed=False,
-                         error=f"{type(error).__name__}: {str(error)[:300]}"))
+        rows.append(
+            dict(
+                check=check,
+                measured=float("inf"),
+                tolerance=tolerance,
+                passed=False,
+                error=f"{type(error).__name__}: {str(error)[:300]}",
+            )
+        )
 
     # (a) bf16 autocast against fp32, same weights, same batch.
     policy, ref = build_model(size, "sdpa", 0, device), build_model(size, "sdpa", 1, device)
@@ -196,8 +238,11 @@ def run_checks(size_name: str, device: torch.device) -> dict:
         except Exception as error:  # noqa: BLE001 - reported as failures, so the rest of the table still prints
             for name, options in layouts.items():
                 refused = options["share_prompt"] and attn not in ("sdpa", "eager")
-                fail(f"{name} on {attn} refused loudly" if refused else f"{name} vs padded (sums, grads; {attn})",
-                     0.0 if refused else FP32_RTOL, error)
+                fail(
+                    f"{name} on {attn} refused loudly" if refused else f"{name} vs padded (sums, grads; {attn})",
+                    0.0 if refused else FP32_RTOL,
+                    error,
+                )
             continue
         for name, options in layouts.items():
             batch = to_device(PackedDPOCollator(pad_token_id=0, **options)(features), device)
@@ -216,8 +261,15 @@ def run_checks(size_name: str, device: torch.device) -> dict:
             except Exception as error:  # noqa: BLE001 - a crash is a failed check, named with its error
                 fail(check, FP32_RTOL, error)
         del model
-    return dict(size=size_name, device=str(device), device_name=device_name(device), torch=torch.__version__,
-                checks=rows, skipped=skipped, passed=all(r["passed"] for r in rows))
+    return dict(
+        size=size_name,
+        device=str(device),
+        device_name=device_name(device),
+        torch=torch.__version__,
+        checks=rows,
+        skipped=skipped,
+        passed=all(r["passed"] for r in rows),
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -225,8 +277,12 @@ def device_name(device: torch.device) -> str:
 
 
 def table(report: dict) -> str:
-    lines = [f"GPU checks: size {report['size']}, device {report['device_name']}, torch {report['torch']}", "",
-             "| check | measured | tolerance | verdict |", "|---|---:|---:|---|"]
+    lines = [
+        f"GPU checks: size {report['size']}, device {report['device_name']}, torch {report['torch']}",
+        "",
+        "| check | measured | tolerance | verdict |",
+        "|---|---:|---:|---|",
+    ]
     for row in report["checks"]:
         verdict = "pass" if row["passed"] else "FAIL"
         lines.append(f"| {row['check']} | {row['measured']:.3g} | {row['tolerance']:.3g} | {verdict} |")

@@ -2,7 +2,7 @@
 
     python examples/train.py [config.yaml] [--flag value ...]    # same as: hf-dpo [...]
 
-No arguments run the offline demo. The logic lives in hf_dpo/cli.py; see docs/usage.md.
+No arguments run the offline demo. The logic lives in hf_dpo/cli/; see docs/usage.md.
 """
 
 from hf_dpo.cli import command

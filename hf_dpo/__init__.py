@@ -1,16 +1,17 @@
-"""hf_dpo: length-normalized DPO as a drop-in HuggingFace Trainer."""
+"""hf_dpo: length-normalized DPO as a drop-in HuggingFace Trainer.
 
-from .checkpoints import latest_complete_checkpoint
-from .collator import DPOCollator
-from .config import DPOConfig
+The package is laid out by pipeline stage (docs/architecture.md): ``data`` -> ``tokenization``
+-> ``layouts`` -> ``scoring`` -> ``reference`` -> ``losses`` -> ``training`` -> ``cli``.
+The names below are the public API.
+"""
+
+from .common.version import __version__  # noqa: F401  (hf_dpo.__version__, as every package has)
 from .data import DataError, DataReport, load_preference_dataset
-from .guards import NonFiniteLossError
+from .layouts import DPOCollator
 from .losses import LOSS_REGISTRY, hinge_loss, ipo_loss, preference_loss, robust_loss, sft_nll, sigmoid_loss, simpo_loss
-from .logprobs import response_logp_sums, sequence_logps
+from .scoring import response_logp_sums, sequence_logps
 from .tokenization import tokenize_dataset
-from .trainer import NormalizedDPOTrainer
-
-__version__ = "0.1.0"
+from .training import DPOConfig, NonFiniteLossError, NormalizedDPOTrainer, latest_complete_checkpoint
 
 __all__ = [
     "DPOCollator",

@@ -32,5 +32,7 @@ def hf_dpo_command() -> str:
     script = Path(sysconfig.get_path("scripts")) / ("hf-dpo.exe" if sys.platform == "win32" else "hf-dpo")
     path = str(script) if script.is_file() else shutil.which("hf-dpo")
     if path is None:
-        pytest.fail("hf-dpo is not installed: reinstall the package (pip install -e '.[dev]') so its console script exists")
+        pytest.fail(
+            "hf-dpo is not installed: reinstall the package (pip install -e '.[dev]') so its console script exists"
+        )
     return path

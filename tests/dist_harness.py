@@ -34,7 +34,10 @@ def cpu_workarounds(engine: str) -> dict:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         # Without a backend accelerate sees 1 process on each rank and DeepSpeed asserts on the batch size.
         PartialState(backend="gloo")
-        return {"accelerator_config": {"use_configured_state": True}, "deepspeed": str(CPU_DS_CONFIG / f"ds_{engine}.json")}
+        return {
+            "accelerator_config": {"use_configured_state": True},
+            "deepspeed": str(CPU_DS_CONFIG / f"ds_{engine}.json"),
+        }
     if engine == "fsdp2":
         import accelerate.state as st
         from accelerate.utils import DistributedType
@@ -55,7 +58,7 @@ def cpu_workarounds(engine: str) -> dict:
 
 def build_fixture(directory: Path) -> None:
     """Tiny tied-free Llama + tokenizer in ``directory/init``, 16 train and 8 eval pairs."""
-    from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+    from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
@@ -73,18 +76,34 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    from hf_dpo.engines import local_numel, unwrap_engine
-    from hf_dpo.reference import reference_logp_sums
+    from hf_dpo.common.models import unwrap as unwrap_engine
+    from hf_dpo.reference.engines import local_numel
+    from hf_dpo.reference.modes import reference_logp_sums
 
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
     fixture = Path(fixture)
     per_device = PER_RANK if engine != "single" else PER_RANK * WORLD
     args = DPOConfig(
-        output_dir=str(out), per_device_train_batch_size=per_device, per_device_eval_batch_size=per_device,
-        max_steps=MAX_STEPS, learning_rate=0.5, optim="sgd", optim_args="momentum=0.5", lr_scheduler_type="constant", logging_steps=1,
-        save_strategy="steps", save_steps=SAVE_STEPS, report_to=[], disable_tqdm=True, seed=0, beta=2.0,
-        max_length=64, max_prompt_length=48, precompute_ref_logps=precompute, ref_logps_cache_dir="",
+        output_dir=str(out),
+        per_device_train_batch_size=per_device,
+        per_device_eval_batch_size=per_device,
+        max_steps=MAX_STEPS,
+        learning_rate=0.5,
+        optim="sgd",
+        optim_args="momentum=0.5",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=SAVE_STEPS,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        beta=2.0,
+        max_length=64,
+        max_prompt_length=48,
+        precompute_ref_logps=precompute,
+        ref_logps_cache_dir="",
         **(extra or {}),
     )
     # Loaded after DPOConfig, so that ZeRO-3 partitions both models as they load.
@@ -117,19 +136,25 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
             messages.append(record.getMessage())
 
     messages = []
-    guards_logger = logging.getLogger("hf_dpo.guards")
+    guards_logger = logging.getLogger("hf_dpo.training.guards")
     guards_logger.setLevel(logging.INFO)
     handler = Messages()
     guards_logger.addHandler(handler)
     trainer = Recorder(
-        model=model, args=args, train_dataset=str(fixture / "train.jsonl"), eval_dataset=str(fixture / "eval.jsonl"),
-        processing_class=tokenizer, **kwargs,
+        model=model,
+        args=args,
+        train_dataset=str(fixture / "train.jsonl"),
+        eval_dataset=str(fixture / "eval.jsonl"),
+        processing_class=tokenizer,
+        **kwargs,
     )
     result = {"engine": engine}
     if trainer.ref_model is not None:
         counts = torch.tensor(local_numel(trainer.ref_model), dtype=torch.long)[None]  # (1, 2)
         result["ref_numel"] = trainer.accelerator.gather(counts).tolist()  # per rank: [local, full]
-        result["ref_shapes"] = [list(getattr(p, "ds_shape", p.shape)) for p in unwrap_engine(trainer.ref_model).parameters()]
+        result["ref_shapes"] = [
+            list(getattr(p, "ds_shape", p.shape)) for p in unwrap_engine(trainer.ref_model).parameters()
+        ]
     trainer.train(resume_from_checkpoint=resume)
     guards_logger.removeHandler(handler)
     # The first-step guard ran under this engine and found ln 2 (a resumed run has no first step).

@@ -12,7 +12,7 @@ from pathlib import Path
 import transformers
 from tokenizers import AddedToken, Tokenizer
 
-from hf_dpo.demo import _base_tokenizer_json
+from hf_dpo.cli.demo import _base_tokenizer_json
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "shared" / "chat_templates"
 NAMES = sorted(p.name[: -len(".jinja")] for p in TEMPLATE_DIR.glob("*.jinja")) if TEMPLATE_DIR.is_dir() else []

@@ -15,8 +15,25 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 def test_bench_tiny_runs_both_implementations_on_the_same_work(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(BENCH), "--size", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1",
-               "--impls", "trl,hf_dpo+pf+sp", "--threads", "1", "--cpu", "--json", str(out)]
+    command = [
+        sys.executable,
+        str(BENCH),
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--impls",
+        "trl,hf_dpo+pf+sp",
+        "--threads",
+        "1",
+        "--cpu",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| tiny | standard | hf_dpo+pf+sp |" in done.stdout  # the markdown table
@@ -62,8 +79,25 @@ def test_gpu_sh_dry_run_on_cpu_runs_the_three_contestants_and_the_mfu_table(tmp_
     pytest.importorskip("trl")
     out = tmp_path / "gpu.json"
     impls = "trl,hf_dpo,minimind"  # the preset's three contestants (its +padded and minimind+dyn variants left out)
-    command = ["bash", str(GPU_SH), "--size", "gpu_tiny", "--cpu", "--steps", "1", "--warmup", "1", "--repeats", "1",
-               "--threads", "1", "--impls", impls, "--json", str(out)]
+    command = [
+        "bash",
+        str(GPU_SH),
+        "--size",
+        "gpu_tiny",
+        "--cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+        "--impls",
+        impls,
+        "--json",
+        str(out),
+    ]
     env = dict(os.environ, HF_DPO_BENCH_INSTALL="0", PYTHON=sys.executable)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -82,7 +116,12 @@ def test_gpu_sh_dry_run_on_cpu_runs_the_three_contestants_and_the_mfu_table(tmp_
         assert run["params_no_input_embedding"] == 164416 and run["flops_per_token"] == 8 * 164416
         # MFU = 8N x computed tokens / time / the matmul peak measured in that run.
         assert run["matmul_peak_tflops"] > 0
-        expected = run["flops_per_token"] * run["computed_tokens"] / sum(run["step_times"]) / (run["matmul_peak_tflops"] * 1e12)
+        expected = (
+            run["flops_per_token"]
+            * run["computed_tokens"]
+            / sum(run["step_times"])
+            / (run["matmul_peak_tflops"] * 1e12)
+        )
         assert math.isclose(run["mfu"], expected, rel_tol=1e-9) and 0 < run["mfu"] < 1
         # Same weights: every contestant starts at ln 2.
         assert math.isclose(run["first_loss"], math.log(2), abs_tol=1e-5)
@@ -121,7 +160,11 @@ def test_hf_dpo_default_passes_no_layout_flag_and_variants_are_explicit():
     assert bench.hf_dpo_options(["padded"]) == {"padding_free": False, "share_prompt": False}
     assert bench.hf_dpo_options(["pf"]) == {"padding_free": True, "share_prompt": False}
     assert bench.hf_dpo_options(["sp"]) == {"padding_free": False, "share_prompt": True}
-    assert bench.hf_dpo_options(["pfr", "sp"]) == {"padding_free": True, "share_prompt": True, "padding_free_max_row_tokens": 1}
+    assert bench.hf_dpo_options(["pfr", "sp"]) == {
+        "padding_free": True,
+        "share_prompt": True,
+        "padding_free_max_row_tokens": 1,
+    }
     assert bench.hf_dpo_options(["full", "ref"]) == {"response_only_logits": False, "precompute_ref_logps": True}
     with pytest.raises(ValueError, match="unknown hf_dpo option"):
         bench.hf_dpo_options(["pff"])
@@ -129,7 +172,9 @@ def test_hf_dpo_default_passes_no_layout_flag_and_variants_are_explicit():
 
 def test_cpu_suite_plan_measures_defaults_against_trl_and_the_padded_path():
     bench = _bench_module()
-    args = bench.argparse.Namespace(size=None, data="standard", impls=None, steps=None, warmup=None, repeats=None, baseline=None)
+    args = bench.argparse.Namespace(
+        size=None, data="standard", impls=None, steps=None, warmup=None, repeats=None, baseline=None
+    )
     plan = {(e["size"], e["data"]): e for e in bench.plan(args)}
     assert set(plan) == {("small", "standard"), ("large_vocab", "standard"), ("small", "multiturn")}
     for entry in plan.values():
@@ -149,8 +194,11 @@ GPU_CHECKS = BENCH.parent / "gpu_checks.py"
 CHECK_ROWS = [
     "bf16 autocast loss vs fp32",
     "response_only_logits vs full logits (sums, grads; sdpa)",
-    *[f"{layout} vs padded (sums, grads; {attn})" for attn in ("sdpa", "eager")
-      for layout in ("padding_free", "padding_free_rows", "share_prompt")],
+    *[
+        f"{layout} vs padded (sums, grads; {attn})"
+        for attn in ("sdpa", "eager")
+        for layout in ("padding_free", "padding_free_rows", "share_prompt")
+    ],
 ]
 
 

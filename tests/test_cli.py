@@ -12,13 +12,27 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-QUICK = ["--max_steps", "6", "--warmup_steps", "0", "--logging_steps", "1", "--max_eval_samples", "32",
-         "--per_device_eval_batch_size", "32", "--per_device_train_batch_size", "8"]
+QUICK = [
+    "--max_steps",
+    "6",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--max_eval_samples",
+    "32",
+    "--per_device_eval_batch_size",
+    "32",
+    "--per_device_train_batch_size",
+    "8",
+]
 
 
 def run(command, cwd=ROOT, timeout=300):
     proc = subprocess.run([str(c) for c in command], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -29,7 +43,7 @@ def card_header(path: Path) -> dict:
 
 
 def test_help_lists_every_option_with_help_text(hf_dpo_command):
-    from hf_dpo.cli import make_parser
+    from hf_dpo.cli.arguments import make_parser
 
     out = run([hf_dpo_command, "--help"]).stdout
     parser = make_parser()
@@ -46,8 +60,24 @@ def test_help_lists_every_option_with_help_text(hf_dpo_command):
 def tensorboard_run(hf_dpo_command, tmp_path_factory):
     """6 steps logged every step, evaluated at the start and at step 4, checkpoints at 2, 4, 6, TensorBoard on."""
     output_dir = tmp_path_factory.mktemp("tb") / "run"
-    run([hf_dpo_command, "--output_dir", output_dir, *QUICK, "--eval_strategy", "steps", "--eval_steps", "4",
-         "--save_strategy", "steps", "--save_steps", "2", "--report_to", "tensorboard"])
+    run(
+        [
+            hf_dpo_command,
+            "--output_dir",
+            output_dir,
+            *QUICK,
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "4",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--report_to",
+            "tensorboard",
+        ]
+    )
     return output_dir
 
 
@@ -85,21 +115,52 @@ def test_model_card_of_a_full_model(tensorboard_run):
     state = json.loads((output_dir / "trainer_state.json").read_text())
     final_eval = [e for e in state["log_history"] if "eval_loss" in e][-1]
     assert f"| eval loss | {final_eval['eval_loss']:.4g} |" in text
-    for expected in ("| beta | 2 |", "| max_length | 128 |", "| max_prompt_length | 96 |", "| completion_turns | last |",
-                     "| length_normalize | True", "| reference | model", "loss_type | sigmoid", "demo_assets/model",
-                     "demo_assets/train.jsonl", "![training curves](training_curves.png)", "- transformers: ", "- torch: "):
+    for expected in (
+        "| beta | 2 |",
+        "| max_length | 128 |",
+        "| max_prompt_length | 96 |",
+        "| completion_turns | last |",
+        "| length_normalize | True",
+        "| reference | model",
+        "loss_type | sigmoid",
+        "demo_assets/model",
+        "demo_assets/train.jsonl",
+        "![training curves](training_curves.png)",
+        "- transformers: ",
+        "- torch: ",
+    ):
         assert expected in text, expected
 
 
-def test_resume_true_continues_from_the_newest_checkpoint_and_reproduces_the_losses(hf_dpo_command, tensorboard_run, tmp_path):
+def test_resume_true_continues_from_the_newest_checkpoint_and_reproduces_the_losses(
+    hf_dpo_command, tensorboard_run, tmp_path
+):
     """The run saved checkpoints 2, 4, 6; without 6 (and the final model), resuming must pick 4 and redo steps 5, 6."""
     full = json.loads((tensorboard_run / "trainer_state.json").read_text())["log_history"]
     output_dir = tmp_path / "run"
     output_dir.mkdir()
     for name in ("checkpoint-2", "checkpoint-4", "demo_assets"):
         shutil.copytree(tensorboard_run / name, output_dir / name)
-    proc = run([hf_dpo_command, "--output_dir", output_dir, *QUICK, "--eval_strategy", "steps", "--eval_steps", "4",
-                "--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint", "true", "--log_level", "info"])
+    proc = run(
+        [
+            hf_dpo_command,
+            "--output_dir",
+            output_dir,
+            *QUICK,
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "4",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--resume_from_checkpoint",
+            "true",
+            "--log_level",
+            "info",
+        ]
+    )
     assert "checkpoint-4" in proc.stderr
     resumed = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     losses = lambda history: [(e["step"], e["loss"]) for e in history if "loss" in e]  # noqa: E731
@@ -110,19 +171,43 @@ def test_resume_true_continues_from_the_newest_checkpoint_and_reproduces_the_los
 
 def test_lora_model_card(hf_dpo_command, tmp_path):
     output_dir = tmp_path / "lora"
-    run([hf_dpo_command, "--output_dir", output_dir, *QUICK, "--eval_strategy", "no", "--use_peft", "true",
-         "--lora_r", "4", "--lora_alpha", "8", "--plot", "false"])
+    run(
+        [
+            hf_dpo_command,
+            "--output_dir",
+            output_dir,
+            *QUICK,
+            "--eval_strategy",
+            "no",
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--plot",
+            "false",
+        ]
+    )
     header = card_header(output_dir / "README.md")
     assert header["library_name"] == "peft" and header["tags"][:2] == ["dpo", "hf_dpo"] and "lora" in header["tags"]
     text = (output_dir / "README.md").read_text()
-    for expected in ("A LoRA adapter", "| r | 4 |", "| lora_alpha | 8 |", "| reference | adapter", "| beta | 2 |", "eval loss", "- peft: "):
+    for expected in (
+        "A LoRA adapter",
+        "| r | 4 |",
+        "| lora_alpha | 8 |",
+        "| reference | adapter",
+        "| beta | 2 |",
+        "eval loss",
+        "- peft: ",
+    ):
         assert expected in text, expected
     assert "training_curves.png" not in text  # --plot false: no picture to show
 
 
 def test_demo_model_on_own_data_with_no_other_flag(hf_dpo_command, tmp_path):
     """--dataset alone: the demo's defaults, no evaluation (there is no held-out data), outputs/demo under the cwd."""
-    from hf_dpo.demo import make_preference_rows
+    from hf_dpo.cli.demo import make_preference_rows
 
     with open(tmp_path / "my.jsonl", "w", encoding="utf-8") as f:
         for row in make_preference_rows(48, seed=5):
@@ -134,7 +219,7 @@ def test_demo_model_on_own_data_with_no_other_flag(hf_dpo_command, tmp_path):
 
 
 def test_demo_flags_are_checked_against_the_demo_defaults():
-    from hf_dpo.cli import parse_args
+    from hf_dpo.cli.arguments import parse_args
 
     _, _, args = parse_args(["--max_length", "100"])  # the demo's max_prompt_length is 96 (the library's would not fit)
     assert (args.max_length, args.max_prompt_length) == (100, 96)
@@ -163,22 +248,60 @@ datasets.load_dataset = load_dataset
 
 def test_trl_command_line_runs_with_the_aliases(hf_dpo_command, tmp_path):
     """A TRL DPO command line (names from TRL's docs), the hub data set patched at datasets.load_dataset."""
-    from hf_dpo.demo import make_preference_rows
+    from hf_dpo.cli.demo import make_preference_rows
 
     rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_rows(96, seed=2)), encoding="utf-8")
+    rows.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_preference_rows(96, seed=2)), encoding="utf-8"
+    )
     patch_dir = tmp_path / "patch"
     patch_dir.mkdir()
     (patch_dir / "sitecustomize.py").write_text(SITECUSTOMIZE.format(name=HUB_ROWS, rows=str(rows)))
     env_path = os.pathsep.join([str(patch_dir), ENV.get("PYTHONPATH", "")])
     output_dir = tmp_path / "trl"
-    command = [hf_dpo_command, "--dataset_name", HUB_ROWS, "--dataset_train_split", "train", "--dataset_test_split", "test",
-               "--loss_type", "sigmoid_norm", "--beta", "2.0", "--rpo_alpha", "0.5", "--precompute_ref_log_probs",
-               "--no_remove_unused_columns", "--sync_ref_model", "false", "--learning_rate", "1e-3",
-               "--per_device_train_batch_size", "16", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2",
-               "--logging_steps", "1", "--output_dir", output_dir, "--ref_logps_cache_dir", ""]
-    proc = subprocess.run([str(c) for c in command], cwd=tmp_path, env={**ENV, "PYTHONPATH": env_path},
-                          capture_output=True, text=True, timeout=300)
+    command = [
+        hf_dpo_command,
+        "--dataset_name",
+        HUB_ROWS,
+        "--dataset_train_split",
+        "train",
+        "--dataset_test_split",
+        "test",
+        "--loss_type",
+        "sigmoid_norm",
+        "--beta",
+        "2.0",
+        "--rpo_alpha",
+        "0.5",
+        "--precompute_ref_log_probs",
+        "--no_remove_unused_columns",
+        "--sync_ref_model",
+        "false",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "16",
+        "--max_steps",
+        "4",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--output_dir",
+        output_dir,
+        "--ref_logps_cache_dir",
+        "",
+    ]
+    proc = subprocess.run(
+        [str(c) for c in command],
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": env_path},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["held_out"]["pairs"] == 32 and summary["global_steps"] == 4
@@ -192,10 +315,16 @@ def test_trl_command_line_runs_with_the_aliases(hf_dpo_command, tmp_path):
 
 def test_trl_aliases_translate_and_refuse():
     from hf_dpo import DPOConfig
-    from hf_dpo.trl_compat import translate_argv
+    from hf_dpo.training.trl_names import translate_argv
 
     assert translate_argv(["--dataset_name", "x", "--rpo_alpha=0.3", "--dataset-test-split", "test"]) == [
-        "--dataset", "x", "--sft_weight", "0.3", "--eval_dataset_split", "test"]
+        "--dataset",
+        "x",
+        "--sft_weight",
+        "0.3",
+        "--eval_dataset_split",
+        "test",
+    ]
     assert translate_argv(["--loss_type", "sigmoid_norm"]) == ["--loss_type", "sigmoid", "--length_normalize", "True"]
     assert translate_argv(["--sync_ref_model", "false"]) == []  # TRL's "off": nothing changes
     with pytest.raises(ValueError, match="sync_ref_model true is TRL's.*TR-DPO"):
@@ -204,8 +333,15 @@ def test_trl_aliases_translate_and_refuse():
         translate_argv(["--max_completion_length", "256"])
     with pytest.raises(ValueError, match="implies --length_normalize True"):
         translate_argv(["--loss_type", "sigmoid_norm", "--length_normalize", "false"])
-    args = DPOConfig(output_dir="unused", precompute_ref_log_probs=True, rpo_alpha=0.2, loss_type="sigmoid_norm", report_to="none")
-    assert (args.precompute_ref_logps, args.sft_weight, args.loss_type, args.length_normalize) == (True, 0.2, "sigmoid", True)
+    args = DPOConfig(
+        output_dir="unused", precompute_ref_log_probs=True, rpo_alpha=0.2, loss_type="sigmoid_norm", report_to="none"
+    )
+    assert (args.precompute_ref_logps, args.sft_weight, args.loss_type, args.length_normalize) == (
+        True,
+        0.2,
+        "sigmoid",
+        True,
+    )
     with pytest.raises(ValueError, match="reference_free=True.*simpo"):
         DPOConfig(output_dir="unused", reference_free=True)
 
@@ -215,7 +351,7 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
     from huggingface_hub import HfApi
 
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+    from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
     calls = {}
 
@@ -230,18 +366,33 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
 
     def upload_folder(self, *, folder_path, repo_id, **kwargs):
         folder = Path(folder_path)
-        calls["upload"] = {"repo_id": repo_id, "files": sorted(p.name for p in folder.iterdir()),
-                           "card": (folder / "README.md").read_text(encoding="utf-8")}
+        calls["upload"] = {
+            "repo_id": repo_id,
+            "files": sorted(p.name for p in folder.iterdir()),
+            "card": (folder / "README.md").read_text(encoding="utf-8"),
+        }
         return "uploaded"
 
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer)
     model.config._name_or_path = "someone/tiny-base"  # as if loaded from the hub
-    args = DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",
-                     push_to_hub=True, hub_model_id="someone/tiny-dpo", save_strategy="no", use_cpu=True,
-                     max_length=128, max_prompt_length=96, disable_tqdm=True)
-    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        push_to_hub=True,
+        hub_model_id="someone/tiny-dpo",
+        save_strategy="no",
+        use_cpu=True,
+        max_length=128,
+        max_prompt_length=96,
+        disable_tqdm=True,
+    )
+    trainer = NormalizedDPOTrainer(
+        model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer
+    )
     trainer.model_card_datasets = ["someone/pairs"]
     trainer.train()
     assert trainer.push_to_hub() == "uploaded"
@@ -250,9 +401,17 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
     assert upload["repo_id"] == "someone/tiny-dpo"
     assert {"README.md", "model.safetensors", "config.json", "tokenizer.json"} <= set(upload["files"])
     header = yaml.safe_load(upload["card"].split("---\n")[1])
-    assert header == {"base_model": "someone/tiny-base", "datasets": ["someone/pairs"], "library_name": "transformers",
-                      "tags": ["dpo", "hf_dpo"]}
-    assert "| beta | 2 |" in upload["card"] and "| train train_loss |" in upload["card"] and "| train rewards/margins |" in upload["card"]
+    assert header == {
+        "base_model": "someone/tiny-base",
+        "datasets": ["someone/pairs"],
+        "library_name": "transformers",
+        "tags": ["dpo", "hf_dpo"],
+    }
+    assert (
+        "| beta | 2 |" in upload["card"]
+        and "| train train_loss |" in upload["card"]
+        and "| train rewards/margins |" in upload["card"]
+    )
 
 
 def documented_commands():
@@ -267,7 +426,9 @@ def documented_commands():
                 line = line.split("#")[0].strip()
                 for marker in ("&& hf-dpo", "-m hf_dpo", "hf-dpo"):
                     if marker in line and "..." not in line:
-                        commands.append(pytest.param(shlex.split(line.split(marker, 1)[1]), id=f"{path.name}:{line[:60]}"))
+                        commands.append(
+                            pytest.param(shlex.split(line.split(marker, 1)[1]), id=f"{path.name}:{line[:60]}")
+                        )
                         break
     return commands
 
@@ -275,7 +436,7 @@ def documented_commands():
 @pytest.mark.parametrize("argv", documented_commands())
 def test_documented_command_lines_parse(argv, tmp_path):
     """The documented flags are all valid together (the hub models and data are not loaded: parsing only)."""
-    from hf_dpo.cli import parse_args
+    from hf_dpo.cli.arguments import parse_args
 
     if argv and argv[0].endswith(".yaml"):  # the usage guide's qwen-dpo.yaml, as printed there
         import re

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hf_dpo.collator import DPOCollator
+from hf_dpo.layouts.padded import DPOCollator
 
 PAD = 8  # also used as a real token (an EOS), as with the pad == eos templates
 
@@ -128,7 +128,7 @@ def test_mismatched_mask_length_raises():
 @pytest.mark.parametrize("pad", [None, "0", 1.0, True])
 def test_missing_pad_token_id_is_refused_at_construction_naming_the_fix(pad):
     """A tokenizer without a pad token gives pad_token_id=None: refused here, not at the first step inside torch.full."""
-    from hf_dpo.packing import PackedDPOCollator
+    from hf_dpo.layouts.packed import PackedDPOCollator
 
     with pytest.raises(ValueError, match=r"DPOCollator\(pad_token_id=.*pass pad_token_id=tokenizer.eos_token_id"):
         DPOCollator(pad_token_id=pad)
@@ -142,21 +142,33 @@ def test_trainer_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, cap
     import logging
 
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+    from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
     tokenizer = build_tokenizer("chatml")
     tokenizer.pad_token = None
     assert tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None
     args = DPOConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3, report_to=[], save_strategy="no",
-        use_cpu=True, disable_tqdm=True, max_length=64, learning_rate=1e-3,
-        padding_free=False, share_prompt=False,  # the padded layout, whose pad positions are checked below
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=64,
+        learning_rate=1e-3,
+        padding_free=False,
+        share_prompt=False,  # the padded layout, whose pad positions are checked below
     )
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
-    with caplog.at_level(logging.WARNING, logger="hf_dpo.collator"):
-        trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(6, seed=0), processing_class=tokenizer)
-    messages = [r.getMessage() for r in caplog.records if r.name == "hf_dpo.collator"]
-    assert messages == [f"the tokenizer has no pad token: padding with its EOS token (id {tokenizer.eos_token_id}); padding is never scored"]
+    with caplog.at_level(logging.WARNING, logger="hf_dpo.layouts.padded"):
+        trainer = NormalizedDPOTrainer(
+            model=model, args=args, train_dataset=make_preference_rows(6, seed=0), processing_class=tokenizer
+        )
+    messages = [r.getMessage() for r in caplog.records if r.name == "hf_dpo.layouts.padded"]
+    assert messages == [
+        f"the tokenizer has no pad token: padding with its EOS token (id {tokenizer.eos_token_id}); padding is never scored"
+    ]
     assert trainer.data_collator.pad_token_id == tokenizer.eos_token_id
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     assert (batch["attention_mask"] == 0).any()  # the batch has padding, and it is the EOS id

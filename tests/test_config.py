@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from hf_dpo.config import DPOConfig
 from hf_dpo.losses import LOSS_REGISTRY
+from hf_dpo.training.config import DPOConfig
 
 
 def test_defaults(tmp_path):
@@ -14,7 +14,12 @@ def test_defaults(tmp_path):
     assert args.beta == 2.0 and args.beta_is_default
     assert args.length_normalize is True
     assert args.remove_unused_columns is False
-    assert (args.loss_type, args.completion_turns, args.reference, args.on_bad_row) == ("sigmoid", "last", "auto", "error")
+    assert (args.loss_type, args.completion_turns, args.reference, args.on_bad_row) == (
+        "sigmoid",
+        "last",
+        "auto",
+        "error",
+    )
     assert (args.max_length, args.max_prompt_length, args.label_smoothing, args.sft_weight) == (1024, 512, 0.0, 0.0)
 
 
@@ -26,7 +31,9 @@ def test_max_length_alone_is_always_valid(tmp_path):
     assert DPOConfig(output_dir=str(tmp_path), max_length=None).max_prompt_length is None  # no limit at all
     explicit = DPOConfig(output_dir=str(tmp_path), max_length=128, max_prompt_length=100)
     assert (explicit.max_prompt_length, explicit.max_prompt_length_is_default) == (100, False)
-    (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--max_length", "256"])
+    (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--max_length", "256"]
+    )
     assert parsed.max_prompt_length == 128
     # An explicit value that conflicts is still refused, and so is a max_length with no room for both parts.
     with pytest.raises(ValueError, match=r"--max_prompt_length \(128\) must be below --max_length \(128\)"):
@@ -56,8 +63,14 @@ def test_beta_default_follows_length_normalize(tmp_path):
         ({"label_smoothing": 0.5}, "--label_smoothing must be in [0, 0.5), got 0.5"),
         ({"label_smoothing": -0.1}, "--label_smoothing must be in [0, 0.5), got -0.1"),
         ({"sft_weight": -1.0}, "--sft_weight must be >= 0, got -1.0"),
-        ({"loss_type": "ipo", "label_smoothing": 0.1}, "--label_smoothing 0.1 has no effect with --loss_type ipo; set it to 0"),
-        ({"loss_type": "hinge", "label_smoothing": 0.2}, "--label_smoothing 0.2 has no effect with --loss_type hinge; set it to 0"),
+        (
+            {"loss_type": "ipo", "label_smoothing": 0.1},
+            "--label_smoothing 0.1 has no effect with --loss_type ipo; set it to 0",
+        ),
+        (
+            {"loss_type": "hinge", "label_smoothing": 0.2},
+            "--label_smoothing 0.2 has no effect with --loss_type hinge; set it to 0",
+        ),
         ({"max_length": 0}, "--max_length must be a positive integer, got 0"),
         ({"logprob_chunk_size": 0}, "--logprob_chunk_size must be a positive integer, got 0"),
         ({"max_prompt_length": 1024}, "--max_prompt_length (1024) must be below --max_length (1024)"),
@@ -80,7 +93,9 @@ def test_every_dpo_field_has_help():
     """One description per field, which HfArgumentParser shows."""
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     own = [f for f in dataclasses.fields(DPOConfig) if f.name not in base]
-    assert {"beta", "loss_type", "length_normalize", "completion_turns", "reference", "on_bad_row"} <= {f.name for f in own}
+    assert {"beta", "loss_type", "length_normalize", "completion_turns", "reference", "on_bad_row"} <= {
+        f.name for f in own
+    }
     for f in own:
         assert f.metadata.get("help", "").strip(), f.name
 
@@ -88,8 +103,23 @@ def test_every_dpo_field_has_help():
 def test_hf_argument_parser_parses_dpo_flags(tmp_path):
     parser = HfArgumentParser(DPOConfig)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--loss_type", "ipo", "--beta", "0.5", "--no_length_normalize",
-         "--completion_turns", "all", "--max_length", "64", "--max_prompt_length", "32", "--on_bad_row", "skip"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--loss_type",
+            "ipo",
+            "--beta",
+            "0.5",
+            "--no_length_normalize",
+            "--completion_turns",
+            "all",
+            "--max_length",
+            "64",
+            "--max_prompt_length",
+            "32",
+            "--on_bad_row",
+            "skip",
+        ]
     )
     assert (args.loss_type, args.beta, args.length_normalize, args.completion_turns) == ("ipo", 0.5, False, "all")
     assert (args.max_length, args.max_prompt_length, args.on_bad_row, args.beta_is_default) == (64, 32, "skip", False)

@@ -19,7 +19,10 @@ def assistant(text):
     return {"role": "assistant", "content": text}
 
 
-MINIMIND = {"chosen": [user("Opposite of hot?"), assistant("cold")], "rejected": [user("Opposite of hot?"), assistant("hot")]}
+MINIMIND = {
+    "chosen": [user("Opposite of hot?"), assistant("cold")],
+    "rejected": [user("Opposite of hot?"), assistant("hot")],
+}
 CONVERSATIONAL = {"prompt": [user("大的反义词？")], "chosen": [assistant("小")], "rejected": [assistant("大")]}
 STRINGS = {"prompt": "Opposite of up:", "chosen": " down", "rejected": " up"}
 
@@ -55,7 +58,10 @@ CANONICAL_STRINGS = {
 
 def write_jsonl(path, lines):
     """Each item is a row (dumped as JSON) or a raw string written as is."""
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n" for line in lines), encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line, ensure_ascii=False)) + "\n" for line in lines),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -86,7 +92,11 @@ def test_string_layout_from_jsonl(tmp_path):
 
 def test_conversational_with_prompt_repeated_inside_answers(tmp_path):
     """Some exports repeat the prompt inside chosen/rejected; an exact repeat is accepted and stripped."""
-    row = {"prompt": CONVERSATIONAL["prompt"], "chosen": CONVERSATIONAL["prompt"] + CONVERSATIONAL["chosen"], "rejected": CONVERSATIONAL["prompt"] + CONVERSATIONAL["rejected"]}
+    row = {
+        "prompt": CONVERSATIONAL["prompt"],
+        "chosen": CONVERSATIONAL["prompt"] + CONVERSATIONAL["chosen"],
+        "rejected": CONVERSATIONAL["prompt"] + CONVERSATIONAL["rejected"],
+    }
     rows = load_preference_dataset(write_jsonl(tmp_path / "p.jsonl", [row])).to_list()
     assert rows == [{"row_id": 1, **CANONICAL_CONVERSATIONAL}]
 
@@ -124,8 +134,14 @@ def test_directory_of_jsonl_files(tmp_path):
 def test_error_names_file_line_field_reason(tmp_path, monkeypatch):
     """Line 3: a MiniMind row whose rejected side, after the identical prompt, has a user turn where the answer goes."""
     monkeypatch.chdir(tmp_path)
-    bad = {"chosen": [user("Opposite of hot?"), assistant("cold")], "rejected": [user("Opposite of hot?"), user("again")]}
-    write_jsonl(tmp_path / "prefs.jsonl", [MINIMIND, MINIMIND | {"rejected": [user("Opposite of hot?"), assistant("warm")]}, bad])
+    bad = {
+        "chosen": [user("Opposite of hot?"), assistant("cold")],
+        "rejected": [user("Opposite of hot?"), user("again")],
+    }
+    write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [MINIMIND, MINIMIND | {"rejected": [user("Opposite of hot?"), assistant("warm")]}, bad],
+    )
     with pytest.raises(DataError) as info:
         load_preference_dataset("prefs.jsonl")
     assert str(info.value) == "prefs.jsonl:3: rejected[1].role: expected 'assistant', got 'user'"
@@ -144,12 +160,12 @@ def test_the_readme_layouts_pasted_into_one_file_load_and_tokenize(tmp_path):
     from pathlib import Path
 
     from hf_dpo import tokenize_dataset
-    from hf_dpo.demo import build_tokenizer
-    from hf_dpo.report import format_data_report
+    from hf_dpo.cli.demo import build_tokenizer
+    from hf_dpo.data.report import format_data_report
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    data_section = readme[readme.index("## Data"):]
-    block = data_section[data_section.index("```jsonl\n") + len("```jsonl\n"):]
+    data_section = readme[readme.index("## Data") :]
+    block = data_section[data_section.index("```jsonl\n") + len("```jsonl\n") :]
     block = block[: block.index("```")]
     assert "detected per row" in data_section[: data_section.index("```jsonl")]
     path = tmp_path / "readme.jsonl"
@@ -157,15 +173,29 @@ def test_the_readme_layouts_pasted_into_one_file_load_and_tokenize(tmp_path):
     ds = load_preference_dataset(str(path))
     assert [r["layout"] for r in ds] == ["minimind", "conversational", "string"]
     report = data_report(ds)
-    assert {k: v for k, v in report.counters.items() if k.startswith("layout_")} == {"layout_minimind": 1, "layout_conversational": 1, "layout_string": 1}
-    assert "  layouts     conversational 1, minimind 1, string 1 (detected per row)" in format_data_report(report).splitlines()
+    assert {k: v for k, v in report.counters.items() if k.startswith("layout_")} == {
+        "layout_minimind": 1,
+        "layout_conversational": 1,
+        "layout_string": 1,
+    }
+    assert (
+        "  layouts     conversational 1, minimind 1, string 1 (detected per row)"
+        in format_data_report(report).splitlines()
+    )
 
     tokenizer = build_tokenizer("chatml")
     tokenized, _ = tokenize_dataset(ds, tokenizer, max_length=128, max_prompt_length=64)
     # Message rows go through the chat template, the string row is concatenated raw with EOS appended.
-    chosen = [tokenizer.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in zip(tokenized["chosen_input_ids"], tokenized["chosen_response_mask"])]
+    chosen = [
+        tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        for ids, mask in zip(tokenized["chosen_input_ids"], tokenized["chosen_response_mask"])
+    ]
     prompts = [tokenizer.decode(ids[:n]) for ids, n in zip(tokenized["chosen_input_ids"], tokenized["prompt_length"])]
-    assert prompts[0] == prompts[1] == tokenizer.apply_chat_template([user("Opposite of hot?")], tokenize=False, add_generation_prompt=True)
+    assert (
+        prompts[0]
+        == prompts[1]
+        == tokenizer.apply_chat_template([user("Opposite of hot?")], tokenize=False, add_generation_prompt=True)
+    )
     assert prompts[2] == "Opposite of hot?"
     assert chosen[2] == " Cold." + tokenizer.eos_token
     assert chosen[0] == chosen[1] and chosen[0].startswith("Cold.")

@@ -12,8 +12,8 @@ import datasets
 import pytest
 
 from hf_dpo import DataError, load_preference_dataset, tokenize_dataset
+from hf_dpo.cli.demo import build_tokenizer
 from hf_dpo.data import data_report, read_preference_rows
-from hf_dpo.demo import build_tokenizer
 
 datasets.disable_progress_bars()
 
@@ -26,30 +26,125 @@ def assistant(content):
     return {"role": "assistant", "content": content}
 
 
-GOOD = {"chosen": [user("Opposite of hot?"), assistant("cold")], "rejected": [user("Opposite of hot?"), assistant("hot")]}
+GOOD = {
+    "chosen": [user("Opposite of hot?"), assistant("cold")],
+    "rejected": [user("Opposite of hot?"), assistant("hot")],
+}
 Q = user("q")
 
 # (case id, line 2 of the file, expected "field: reason" after "<file>:2: ", skip code)
 BAD_ROWS = [
     ("malformed_json", '{"chosen": [', "malformed JSON (Expecting value at column 13)", "bad_json"),
-    ("rejected_missing", json.dumps({"chosen": [Q, assistant("a")]}), "rejected: is missing (keys present: 'chosen')", "missing_field"),
-    ("content_number", json.dumps({"chosen": [Q, assistant(3)], "rejected": [Q, assistant("b")]}), "chosen[1].content: expected a string, got int", "bad_type"),
-    ("content_null", json.dumps({"chosen": [Q, assistant("a")], "rejected": [Q, assistant(None)]}), "rejected[1].content: expected a string, got null", "bad_type"),
-    ("content_bool", json.dumps({"chosen": [user(True), assistant("a")], "rejected": [Q, assistant("b")]}), "chosen[0].content: expected a string, got bool", "bad_type"),
-    ("content_object", json.dumps({"chosen": [Q, assistant({"text": "a"})], "rejected": [Q, assistant("b")]}), "chosen[1].content: expected a string, got object", "bad_type"),
-    ("message_without_role", json.dumps({"chosen": [Q, {"content": "a"}], "rejected": [Q, assistant("b")]}), "chosen[1]: missing 'role'", "missing_field"),
-    ("side_not_a_list", json.dumps({"chosen": "a", "rejected": [Q, assistant("b")]}), "chosen: expected a list of messages, got string", "bad_type"),
-    ("wrong_role_order", json.dumps({"chosen": [Q, user("a")], "rejected": [Q, assistant("b")]}), "chosen[1].role: expected 'assistant', got 'user'", "bad_role_order"),
-    ("unknown_role", json.dumps({"chosen": [Q, {"role": "bot", "content": "a"}], "rejected": [Q, assistant("b")]}), "chosen[1].role: unsupported role 'bot'; expected one of ['system', 'user', 'assistant']", "bad_role"),
-    ("prompts_differ", json.dumps({"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}), "chosen[0]: differs from rejected[0]; only the final assistant turn may differ between chosen and rejected", "prompt_mismatch"),
-    ("last_turn_user", json.dumps({"chosen": [Q, assistant("a"), user("and?")], "rejected": [Q, assistant("b")]}), "chosen[2].role: the last turn must be the assistant's answer, got 'user'", "no_answer"),
-    ("several_turn_response", json.dumps({"prompt": [Q], "chosen": [assistant("a"), user("u"), assistant("a2")], "rejected": [assistant("b")]}), "chosen: expected one assistant turn, got 3 turns", "multi_turn_answer"),
-    ("several_turn_response_minimind", json.dumps({"chosen": [Q, assistant("a"), user("u"), assistant("a2")], "rejected": [Q, assistant("b")]}), "chosen: has 3 turns before its answer, rejected has 1; only the final assistant turn may differ between chosen and rejected", "prompt_mismatch"),
-    ("empty_response", json.dumps({"chosen": [Q, assistant("")], "rejected": [Q, assistant("b")]}), "chosen[1].content: is empty or whitespace only", "empty_content"),
-    ("whitespace_response", json.dumps({"prompt": "q", "chosen": " \n\t", "rejected": "b"}), "chosen: is empty or whitespace only", "empty_content"),
-    ("sft_conversations_row", json.dumps({"conversations": [Q, assistant("a")]}), "not a preference row: no 'chosen' and no 'rejected' (keys present: 'conversations')", "missing_field"),
-    ("string_prompt_message_sides", json.dumps({"prompt": "q", "chosen": [assistant("a")], "rejected": [assistant("b")]}), "chosen: is a list of messages but 'prompt' is a string; use one layout for all three fields (strings, or lists of messages)", "mixed_layouts"),
-    ("lone_surrogate", '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\ud800"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}', "chosen[1].content: contains a lone surrogate (invalid Unicode)", "invalid_text"),
+    (
+        "rejected_missing",
+        json.dumps({"chosen": [Q, assistant("a")]}),
+        "rejected: is missing (keys present: 'chosen')",
+        "missing_field",
+    ),
+    (
+        "content_number",
+        json.dumps({"chosen": [Q, assistant(3)], "rejected": [Q, assistant("b")]}),
+        "chosen[1].content: expected a string, got int",
+        "bad_type",
+    ),
+    (
+        "content_null",
+        json.dumps({"chosen": [Q, assistant("a")], "rejected": [Q, assistant(None)]}),
+        "rejected[1].content: expected a string, got null",
+        "bad_type",
+    ),
+    (
+        "content_bool",
+        json.dumps({"chosen": [user(True), assistant("a")], "rejected": [Q, assistant("b")]}),
+        "chosen[0].content: expected a string, got bool",
+        "bad_type",
+    ),
+    (
+        "content_object",
+        json.dumps({"chosen": [Q, assistant({"text": "a"})], "rejected": [Q, assistant("b")]}),
+        "chosen[1].content: expected a string, got object",
+        "bad_type",
+    ),
+    (
+        "message_without_role",
+        json.dumps({"chosen": [Q, {"content": "a"}], "rejected": [Q, assistant("b")]}),
+        "chosen[1]: missing 'role'",
+        "missing_field",
+    ),
+    (
+        "side_not_a_list",
+        json.dumps({"chosen": "a", "rejected": [Q, assistant("b")]}),
+        "chosen: expected a list of messages, got string",
+        "bad_type",
+    ),
+    (
+        "wrong_role_order",
+        json.dumps({"chosen": [Q, user("a")], "rejected": [Q, assistant("b")]}),
+        "chosen[1].role: expected 'assistant', got 'user'",
+        "bad_role_order",
+    ),
+    (
+        "unknown_role",
+        json.dumps({"chosen": [Q, {"role": "bot", "content": "a"}], "rejected": [Q, assistant("b")]}),
+        "chosen[1].role: unsupported role 'bot'; expected one of ['system', 'user', 'assistant']",
+        "bad_role",
+    ),
+    (
+        "prompts_differ",
+        json.dumps({"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}),
+        "chosen[0]: differs from rejected[0]; only the final assistant turn may differ between chosen and rejected",
+        "prompt_mismatch",
+    ),
+    (
+        "last_turn_user",
+        json.dumps({"chosen": [Q, assistant("a"), user("and?")], "rejected": [Q, assistant("b")]}),
+        "chosen[2].role: the last turn must be the assistant's answer, got 'user'",
+        "no_answer",
+    ),
+    (
+        "several_turn_response",
+        json.dumps(
+            {"prompt": [Q], "chosen": [assistant("a"), user("u"), assistant("a2")], "rejected": [assistant("b")]}
+        ),
+        "chosen: expected one assistant turn, got 3 turns",
+        "multi_turn_answer",
+    ),
+    (
+        "several_turn_response_minimind",
+        json.dumps({"chosen": [Q, assistant("a"), user("u"), assistant("a2")], "rejected": [Q, assistant("b")]}),
+        "chosen: has 3 turns before its answer, rejected has 1; only the final assistant turn may differ between chosen and rejected",
+        "prompt_mismatch",
+    ),
+    (
+        "empty_response",
+        json.dumps({"chosen": [Q, assistant("")], "rejected": [Q, assistant("b")]}),
+        "chosen[1].content: is empty or whitespace only",
+        "empty_content",
+    ),
+    (
+        "whitespace_response",
+        json.dumps({"prompt": "q", "chosen": " \n\t", "rejected": "b"}),
+        "chosen: is empty or whitespace only",
+        "empty_content",
+    ),
+    (
+        "sft_conversations_row",
+        json.dumps({"conversations": [Q, assistant("a")]}),
+        "not a preference row: no 'chosen' and no 'rejected' (keys present: 'conversations')",
+        "missing_field",
+    ),
+    (
+        "string_prompt_message_sides",
+        json.dumps({"prompt": "q", "chosen": [assistant("a")], "rejected": [assistant("b")]}),
+        "chosen: is a list of messages but 'prompt' is a string; use one layout for all three fields (strings, or lists of messages)",
+        "mixed_layouts",
+    ),
+    (
+        "lone_surrogate",
+        '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\ud800"}], "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}',
+        "chosen[1].content: contains a lone surrogate (invalid Unicode)",
+        "invalid_text",
+    ),
     ("not_an_object", "[1, 2]", "expected a JSON object, got list", "not_an_object"),
 ]
 
@@ -59,7 +154,9 @@ def write_lines(path, lines, ending=b"\n"):
     return path
 
 
-@pytest.mark.parametrize("bad_line, expected, code", [case[1:] for case in BAD_ROWS], ids=[case[0] for case in BAD_ROWS])
+@pytest.mark.parametrize(
+    "bad_line, expected, code", [case[1:] for case in BAD_ROWS], ids=[case[0] for case in BAD_ROWS]
+)
 def test_bad_row_raises_with_location_or_is_counted(tmp_path, bad_line, expected, code):
     path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD), bad_line, json.dumps(GOOD)])
     with pytest.raises(DataError) as caught:
@@ -83,7 +180,9 @@ def test_invalid_utf8_names_line_and_byte(tmp_path):
 
 def test_bom_crlf_and_blank_lines_are_accepted_with_physical_line_ids(tmp_path):
     path = tmp_path / "data.jsonl"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n\r\n   \r\n" + json.dumps(GOOD).encode() + b"\r\n\n")
+    path.write_bytes(
+        b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n\r\n   \r\n" + json.dumps(GOOD).encode() + b"\r\n\n"
+    )
     dataset = load_preference_dataset(str(path))
     assert list(dataset["row_id"]) == [1, 4]  # the physical lines; 2 and 3 are blank
     assert dataset[0]["chosen"] == [assistant("cold")]
@@ -140,7 +239,9 @@ def test_pretty_printed_json_in_a_jsonl_file_gets_a_hint(tmp_path):
 
 
 def test_absurd_json_is_a_bad_json_row_not_a_crash(tmp_path):
-    path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD), "[" * 100_000 + "]" * 100_000, '{"chosen": ' + "9" * 5000 + "}"])
+    path = write_lines(
+        tmp_path / "data.jsonl", [json.dumps(GOOD), "[" * 100_000 + "]" * 100_000, '{"chosen": ' + "9" * 5000 + "}"]
+    )
     _, report = read_preference_rows(str(path), on_bad_row="skip")
     assert dict(report.skipped) == {"bad_json": 2}
     with pytest.raises(DataError, match=r"data\.jsonl:2: malformed JSON \(RecursionError"):
@@ -153,7 +254,11 @@ def test_directory_rows_get_unique_ids_that_locate_back_to_file_and_line(tmp_pat
     dataset = load_preference_dataset(str(tmp_path), on_bad_row="skip")
     report = data_report(dataset)
     assert list(dataset["row_id"]) == [1, 3, 5]  # b.jsonl starts after a.jsonl's last line (3)
-    assert [report.where(i) for i in list(dataset["row_id"])] == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:3", f"{tmp_path / 'b.jsonl'}:2"]
+    assert [report.where(i) for i in list(dataset["row_id"])] == [
+        f"{tmp_path / 'a.jsonl'}:1",
+        f"{tmp_path / 'a.jsonl'}:3",
+        f"{tmp_path / 'b.jsonl'}:2",
+    ]
     assert report.skip_examples == {"bad_json": [f"{tmp_path / 'b.jsonl'}:1"]}
 
 
@@ -178,9 +283,12 @@ def test_special_token_text_is_kept_counted_and_fully_inside_the_response_mask(c
     <|im_start|> user \\n q <|im_end|> \\n <|im_start|> a s sistant \\n), then the answer
     ``A<|im_end|>B`` and the template's ``<|im_end|>\\n``: tokens A, <|im_end|>, B, <|im_end|>, \\n, all scored.
     """
-    rows = [{"chosen": [Q, assistant("A<|im_end|>B")], "rejected": [Q, assistant("no")]}, {"chosen": [Q, assistant("yes")], "rejected": [Q, assistant("no")]}]
+    rows = [
+        {"chosen": [Q, assistant("A<|im_end|>B")], "rejected": [Q, assistant("no")]},
+        {"chosen": [Q, assistant("yes")], "rejected": [Q, assistant("no")]},
+    ]
     dataset = load_preference_dataset(rows)
-    with caplog.at_level("WARNING", logger="hf_dpo.data"):
+    with caplog.at_level("WARNING", logger="hf_dpo.tokenization.special_tokens"):
         tokenized, report = tokenize_dataset(dataset, chatml)
     assert report.counters["special_token_text"] == 1
     assert report.counter_examples["special_token_text"] == ["<rows>:0 <|im_end|>"]
@@ -188,7 +296,13 @@ def test_special_token_text_is_kept_counted_and_fully_inside_the_response_mask(c
     row = tokenized[0]
     ids, mask = row["chosen_input_ids"], row["chosen_response_mask"]
     end = chatml.convert_tokens_to_ids("<|im_end|>")
-    assert ids[11:] == [chatml.convert_tokens_to_ids("A"), end, chatml.convert_tokens_to_ids("B"), end, chatml.convert_tokens_to_ids("Ċ")]
+    assert ids[11:] == [
+        chatml.convert_tokens_to_ids("A"),
+        end,
+        chatml.convert_tokens_to_ids("B"),
+        end,
+        chatml.convert_tokens_to_ids("Ċ"),
+    ]
     assert mask == [0] * 11 + [1] * 5
 
 
@@ -199,16 +313,23 @@ def test_prompt_too_long_for_any_response_token_is_skipped_and_never_fed(chatml)
     assert list(tokenized["row_id"]) == [0]
     assert dict(report.skipped) == {"response_truncated_away": 1}
     assert report.skip_examples == {"response_truncated_away": ["<rows>:1"]}
-    assert all(sum(mask) > 0 for mask in list(tokenized["chosen_response_mask"]) + list(tokenized["rejected_response_mask"]))
+    assert all(
+        sum(mask) > 0 for mask in list(tokenized["chosen_response_mask"]) + list(tokenized["rejected_response_mask"])
+    )
 
 
 def test_answers_identical_after_truncation_are_skipped(chatml):
     """'The opposite of hot is cold.' vs '... is hot.' share their first tokens; 3 response tokens make them equal."""
     rows = [
-        {"chosen": [Q, assistant("The opposite of hot is cold.")], "rejected": [Q, assistant("The opposite of hot is hot.")]},
+        {
+            "chosen": [Q, assistant("The opposite of hot is cold.")],
+            "rejected": [Q, assistant("The opposite of hot is hot.")],
+        },
         {"chosen": [Q, assistant("yes")], "rejected": [Q, assistant("no")]},
     ]
-    tokenized, report = tokenize_dataset(load_preference_dataset(rows), chatml, max_length=11 + 3, max_prompt_length=None)
+    tokenized, report = tokenize_dataset(
+        load_preference_dataset(rows), chatml, max_length=11 + 3, max_prompt_length=None
+    )
     assert dict(report.skipped) == {"identical_after_truncation": 1}
     assert list(tokenized["row_id"]) == [1]
 
@@ -216,7 +337,10 @@ def test_answers_identical_after_truncation_are_skipped(chatml):
 def test_template_failure_is_a_located_data_error_not_a_jinja_crash(tmp_path):
     """The Llama-2 style template raises for a system turn; the error names the file and line."""
     bos = build_tokenizer("bos")
-    with_system = {"chosen": [{"role": "system", "content": "s"}, Q, assistant("a")], "rejected": [{"role": "system", "content": "s"}, Q, assistant("b")]}
+    with_system = {
+        "chosen": [{"role": "system", "content": "s"}, Q, assistant("a")],
+        "rejected": [{"role": "system", "content": "s"}, Q, assistant("b")],
+    }
     path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD), json.dumps(with_system)])
     with pytest.raises(DataError) as caught:
         tokenize_dataset(load_preference_dataset(str(path)), bos)

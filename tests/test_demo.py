@@ -1,4 +1,4 @@
-"""Tests for hf_dpo.demo: templates, special ids, data properties, model size, round trip."""
+"""Tests for hf_dpo.cli.demo: templates, special ids, data properties, model size, round trip."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_dpo.demo import (
+from hf_dpo.cli.demo import (
     BOS_TEMPLATE,
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,

@@ -58,8 +58,19 @@ def _free_port() -> int:
 def launch(engine, fixture_dir, out) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS[engine]), "--num_processes", "2",
-        "--main_process_port", str(_free_port()), str(ROOT / "tests" / "dist_harness.py"), engine, str(fixture_dir), str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CONFIGS[engine]),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        str(ROOT / "tests" / "dist_harness.py"),
+        engine,
+        str(fixture_dir),
+        str(out),
     ]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
@@ -106,13 +117,21 @@ def reload_and_evaluate(final_dir, fixture_dir, tmp_path) -> dict:
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
 
     args = DPOConfig(
-        output_dir=str(tmp_path / "reload"), per_device_eval_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True,
-        beta=2.0, max_length=64, max_prompt_length=48,
+        output_dir=str(tmp_path / "reload"),
+        per_device_eval_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        beta=2.0,
+        max_length=64,
+        max_prompt_length=48,
     )
     trainer = NormalizedDPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32),
         ref_model=AutoModelForCausalLM.from_pretrained(fixture_dir / "init", dtype=torch.float32),
-        args=args, eval_dataset=str(fixture_dir / "eval.jsonl"), processing_class=AutoTokenizer.from_pretrained(final_dir),
+        args=args,
+        eval_dataset=str(fixture_dir / "eval.jsonl"),
+        processing_class=AutoTokenizer.from_pretrained(final_dir),
     )
     return trainer.evaluate()
 
@@ -170,7 +189,7 @@ def test_fsdp_asked_for_but_not_enabled_stops(fixture_dir, tmp_path, monkeypatch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    from hf_dpo.engines import EngineError
+    from hf_dpo.reference.engines import EngineError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
@@ -178,8 +197,10 @@ def test_fsdp_asked_for_but_not_enabled_stops(fixture_dir, tmp_path, monkeypatch
     try:
         with pytest.raises(EngineError, match="FSDP was asked for .* accelerate runs"):
             NormalizedDPOTrainer(
-                model=AutoModelForCausalLM.from_pretrained(fixture_dir / "init", dtype=torch.float32), args=args,
-                train_dataset=str(fixture_dir / "train.jsonl"), processing_class=AutoTokenizer.from_pretrained(fixture_dir / "init"),
+                model=AutoModelForCausalLM.from_pretrained(fixture_dir / "init", dtype=torch.float32),
+                args=args,
+                train_dataset=str(fixture_dir / "train.jsonl"),
+                processing_class=AutoTokenizer.from_pretrained(fixture_dir / "init"),
             )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -20,15 +20,27 @@ DDP_CONFIG = ROOT / "examples" / "accelerate_configs" / "ddp.yaml"
 # The demo, shortened: 6 optimizer steps, no evaluation during training, 32 held-out pairs
 # evaluated in one batch before and after (so the logged means are exact per-pair means).
 QUICK = [
-    "--max_steps", "6", "--warmup_steps", "0", "--logging_steps", "1", "--eval_strategy", "no",
-    "--max_eval_samples", "32", "--per_device_eval_batch_size", "32",
+    "--max_steps",
+    "6",
+    "--warmup_steps",
+    "0",
+    "--logging_steps",
+    "1",
+    "--eval_strategy",
+    "no",
+    "--max_eval_samples",
+    "32",
+    "--per_device_eval_batch_size",
+    "32",
 ]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run(command, timeout=300):
     proc = subprocess.run([str(c) for c in command], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -45,10 +57,17 @@ def held_out_eval(model, output_dir: Path) -> dict:
 
     eval_rows = load_preference_dataset(output_dir / "demo_assets" / "eval.jsonl").select(range(32))
     args = DPOConfig(
-        output_dir=str(output_dir / "reload_eval"), per_device_eval_batch_size=32, max_length=128, max_prompt_length=96,
-        report_to="none", use_cpu=True, disable_tqdm=True,
+        output_dir=str(output_dir / "reload_eval"),
+        per_device_eval_batch_size=32,
+        max_length=128,
+        max_prompt_length=96,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
     )
-    trainer = NormalizedDPOTrainer(model=model, args=args, eval_dataset=eval_rows, processing_class=AutoTokenizer.from_pretrained(output_dir))
+    trainer = NormalizedDPOTrainer(
+        model=model, args=args, eval_dataset=eval_rows, processing_class=AutoTokenizer.from_pretrained(output_dir)
+    )
     return trainer.evaluate()
 
 
@@ -62,8 +81,17 @@ def single_run(tmp_path_factory):
 
 def test_demo_trains_saves_and_reports(single_run):
     output_dir, proc = single_run
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "train_results.json",
-                 "eval_results.json", "all_results.json", "trainer_state.json", "summary.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        "trainer_state.json",
+        "summary.json",
+    ):
         assert (output_dir / name).is_file(), name
     png = (output_dir / "training_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -110,11 +138,25 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(entry, sin
     """
     single_dir, _ = single_run
     output_dir = tmp_path / "ddp"
-    run([
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", DDP_CONFIG, "--num_processes", "2",
-        "--main_process_port", _free_port(), *(["-m", "hf_dpo"] if entry == "module" else [hf_dpo_command]),
-        "--output_dir", output_dir, "--per_device_train_batch_size", "4", *QUICK,
-    ])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            DDP_CONFIG,
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            _free_port(),
+            *(["-m", "hf_dpo"] if entry == "module" else [hf_dpo_command]),
+            "--output_dir",
+            output_dir,
+            "--per_device_train_batch_size",
+            "4",
+            *QUICK,
+        ]
+    )
     summary = json.loads((output_dir / "summary.json").read_text())
     assert summary["world_size"] == 2  # a real process group, not two independent runs
     single, ddp = train_losses(single_dir), train_losses(output_dir)
@@ -130,8 +172,25 @@ def test_lora_saves_only_the_adapter_which_reproduces_the_policy(tmp_path):
     from transformers import AutoModelForCausalLM
 
     output_dir = tmp_path / "lora"
-    run([sys.executable, TRAIN, "--output_dir", output_dir, "--per_device_train_batch_size", "8", *QUICK,
-         "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--plot", "false"])
+    run(
+        [
+            sys.executable,
+            TRAIN,
+            "--output_dir",
+            output_dir,
+            "--per_device_train_batch_size",
+            "8",
+            *QUICK,
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--plot",
+            "false",
+        ]
+    )
     assert (output_dir / "adapter_config.json").is_file()
     assert not (output_dir / "model.safetensors").exists()
     with safe_open(output_dir / "adapter_model.safetensors", "pt") as f:
@@ -157,10 +216,12 @@ def test_lora_saves_only_the_adapter_which_reproduces_the_policy(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_module():
-    """The script's logic: hf_dpo/cli.py (examples/train.py only calls it)."""
-    from hf_dpo import cli
+    """The script's logic: hf_dpo/cli/ (examples/train.py only calls it)."""
+    from types import SimpleNamespace
 
-    return cli
+    from hf_dpo.cli import arguments, summary
+
+    return SimpleNamespace(parse_args=arguments.parse_args, write_plot=summary.write_plot)
 
 
 def _as_dicts(parsed):
@@ -169,10 +230,35 @@ def _as_dicts(parsed):
 
 
 FLAGS = [
-    "--model_name_or_path", "some/model", "--dataset", "pairs.jsonl", "--eval_split_size", "0.1",
-    "--use_peft", "true", "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj",
-    "--learning_rate", "5e-7", "--beta", "4.0", "--loss_type", "ipo", "--bf16", "false",
-    "--max_length", "256", "--max_prompt_length", "128", "--output_dir", "out/run", "--lr_scheduler_type", "cosine",
+    "--model_name_or_path",
+    "some/model",
+    "--dataset",
+    "pairs.jsonl",
+    "--eval_split_size",
+    "0.1",
+    "--use_peft",
+    "true",
+    "--lora_r",
+    "8",
+    "--lora_target_modules",
+    "q_proj",
+    "v_proj",
+    "--learning_rate",
+    "5e-7",
+    "--beta",
+    "4.0",
+    "--loss_type",
+    "ipo",
+    "--bf16",
+    "false",
+    "--max_length",
+    "256",
+    "--max_prompt_length",
+    "128",
+    "--output_dir",
+    "out/run",
+    "--lr_scheduler_type",
+    "cosine",
 ]
 YAML = """\
 model_name_or_path: some/model
@@ -226,7 +312,13 @@ def test_unknown_config_key_is_refused_by_name(train_module, tmp_path):
 
 
 def test_missing_matplotlib_skips_the_plot_with_one_line(train_module, tmp_path, monkeypatch, capsys):
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
+    for name in (
+        "matplotlib",
+        "matplotlib.figure",
+        "matplotlib.backends",
+        "matplotlib.backends.backend_agg",
+        "matplotlib.ticker",
+    ):
         monkeypatch.setitem(sys.modules, name, None)
     assert train_module.write_plot([{"loss": 0.7, "step": 1}], tmp_path) is None
     out = capsys.readouterr().out
@@ -255,7 +347,7 @@ def test_the_docs_mark_their_code():
 @pytest.mark.parametrize("name, code", documented_snippets())
 def test_documented_snippet_runs(name, code, tmp_path, monkeypatch, capsys):
     """The snippet runs as printed, on 8 demo pairs (2 steps of 4) with the tiny demo model."""
-    from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+    from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
     monkeypatch.chdir(tmp_path)
     with open("pairs.jsonl", "w", encoding="utf-8") as f:

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from hf_dpo.collator import DPOCollator
-from hf_dpo.demo import build_model, build_tokenizer
-from hf_dpo.fused_logprobs import linear_token_logps, plain_projection_problem, projection_verdict
+from hf_dpo.cli.demo import build_model, build_tokenizer
+from hf_dpo.layouts.padded import DPOCollator
 from hf_dpo.scoring import score_batch
+from hf_dpo.scoring.head import plain_projection_problem, projection_verdict
+from hf_dpo.scoring.projection import linear_token_logps
 
 
 def naive_logps(hidden, weight, bias, targets):
@@ -54,9 +55,7 @@ def test_gradcheck_against_finite_differences():
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 6, 3, 3, 1])
     # fp64 inputs keep fp64 accumulators, so finite differences are meaningful.
-    assert torch.autograd.gradcheck(
-        lambda h, w, b: linear_token_logps(h, w, b, targets, 2), (hidden, weight, bias)
-    )
+    assert torch.autograd.gradcheck(lambda h, w, b: linear_token_logps(h, w, b, targets, 2), (hidden, weight, bias))
 
 
 def test_backward_keeps_no_logits():
@@ -81,13 +80,15 @@ def _batch(tokenizer, n_pairs=3):
     for i in range(n_pairs):
         prompt = torch.randint(3, 900, (4 + i,)).tolist()
         chosen, rejected = torch.randint(3, 900, (3 + 2 * i,)).tolist(), torch.randint(3, 900, (5 - i,)).tolist()
-        features.append({
-            "chosen_input_ids": prompt + chosen,
-            "chosen_response_mask": [0] * len(prompt) + [1] * len(chosen),
-            "rejected_input_ids": prompt + rejected,
-            "rejected_response_mask": [0] * len(prompt) + [1] * len(rejected),
-            "prompt_length": len(prompt),
-        })
+        features.append(
+            {
+                "chosen_input_ids": prompt + chosen,
+                "chosen_response_mask": [0] * len(prompt) + [1] * len(chosen),
+                "rejected_input_ids": prompt + rejected,
+                "rejected_response_mask": [0] * len(prompt) + [1] * len(rejected),
+                "prompt_length": len(prompt),
+            }
+        )
     return DPOCollator(tokenizer.pad_token_id)(features), features
 
 
@@ -115,7 +116,10 @@ def test_response_only_scores_equal_full_logits_with_gradients():
 def test_lora_policy_uses_fused_path_and_frozen_head_gets_no_gradient():
     peft = pytest.importorskip("peft")
     tokenizer = build_tokenizer("chatml")
-    model = peft.get_peft_model(build_model(tokenizer, hidden_size=32), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = peft.get_peft_model(
+        build_model(tokenizer, hidden_size=32),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     batch, _ = _batch(tokenizer)
     assert plain_projection_problem(model) is None
     plain = _sums_and_grads(model, batch, response_only=False)
@@ -130,7 +134,9 @@ def test_lora_policy_uses_fused_path_and_frozen_head_gets_no_gradient():
 def test_lora_on_the_head_falls_back_structurally():
     peft = pytest.importorskip("peft")
     tokenizer = build_tokenizer("chatml")
-    model = peft.get_peft_model(build_model(tokenizer, hidden_size=32), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    model = peft.get_peft_model(
+        build_model(tokenizer, hidden_size=32), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])
+    )
     assert "not a plain nn.Linear" in plain_projection_problem(model)
 
 
@@ -138,14 +144,27 @@ def test_softcapping_config_is_detected_and_falls_back():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(
-        vocab_size=120, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, final_logit_softcapping=3.0, attn_implementation="eager",
+        vocab_size=120,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=3.0,
+        attn_implementation="eager",
     )
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(config)
     assert "final_logit_softcapping=3.0" in plain_projection_problem(model)
-    features = [{"chosen_input_ids": [5, 6, 7, 8], "chosen_response_mask": [0, 0, 1, 1],
-                 "rejected_input_ids": [5, 6, 9], "rejected_response_mask": [0, 0, 1]}]
+    features = [
+        {
+            "chosen_input_ids": [5, 6, 7, 8],
+            "chosen_response_mask": [0, 0, 1, 1],
+            "rejected_input_ids": [5, 6, 9],
+            "rejected_response_mask": [0, 0, 1],
+        }
+    ]
     batch = DPOCollator(0)(features)
     fused, _ = score_batch(model, batch, response_only=True)
     plain, _ = score_batch(model, batch, response_only=False)
@@ -168,7 +187,13 @@ class ScaledLlama(nn.Module):
         return self.inner.get_decoder()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        out = self.inner(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
         out.logits = out.logits * 0.5
         return out
 
@@ -179,7 +204,7 @@ def test_undeclared_logit_transformation_is_detected_numerically(caplog):
     batch, _ = _batch(tokenizer)
     assert plain_projection_problem(model) is None  # nothing structural gives it away
     plain, _ = score_batch(model, batch, response_only=False)
-    with caplog.at_level(logging.WARNING, logger="hf_dpo.fused_logprobs"):
+    with caplog.at_level(logging.WARNING, logger="hf_dpo.scoring.head"):
         fused, _ = score_batch(model, batch, response_only=True)
     assert projection_verdict(model) is False
     assert "logits differ" in caplog.text

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_dpo import DataError, DPOCollator, load_preference_dataset, tokenize_dataset
-from hf_dpo.demo import build_tokenizer
+from hf_dpo.cli.demo import build_tokenizer
 
 datasets.disable_progress_bars()
 TOKENIZER = build_tokenizer("chatml")
@@ -25,7 +25,9 @@ MAX_LENGTH, MAX_PROMPT_LENGTH = 48, 24
 
 clean = st.one_of(
     st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12).filter(str.strip),
-    st.sampled_from(["hot", "cold", "热", "冷", "The opposite of big is small.", "A<|im_end|>B", "<|im_start|>assistant\nhi"]),
+    st.sampled_from(
+        ["hot", "cold", "热", "冷", "The opposite of big is small.", "A<|im_end|>B", "<|im_start|>assistant\nhi"]
+    ),
 )
 dirty = st.one_of(
     st.sampled_from(["", " ", "\n\t", "<|pad|>"]),
@@ -35,7 +37,10 @@ dirty = st.one_of(
 contents = clean
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | clean | dirty,
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "chosen", "x"]), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["role", "content", "chosen", "x"]), children, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -47,7 +52,10 @@ def conversations(draw):
     prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": draw(contents)} for i in range(turns)]
     if draw(st.booleans()):
         prompt = [{"role": "system", "content": draw(contents)}] + prompt
-    chosen, rejected = {"role": "assistant", "content": draw(contents)}, {"role": "assistant", "content": draw(contents)}
+    chosen, rejected = (
+        {"role": "assistant", "content": draw(contents)},
+        {"role": "assistant", "content": draw(contents)},
+    )
     layout = draw(st.sampled_from(["minimind", "conversational", "string"]))
     if layout == "minimind":
         row = {"chosen": prompt + [chosen], "rejected": [dict(m) for m in prompt] + [rejected]}
@@ -59,7 +67,9 @@ def conversations(draw):
         key = draw(st.sampled_from(sorted(row)))
         if isinstance(row[key], list) and row[key] and draw(st.booleans()):
             message = row[key][draw(st.integers(0, len(row[key]) - 1))]
-            message[draw(st.sampled_from(["role", "content"]))] = draw(dirty | json_values | st.sampled_from(["user", "assistant", "tool"]))
+            message[draw(st.sampled_from(["role", "content"]))] = draw(
+                dirty | json_values | st.sampled_from(["user", "assistant", "tool"])
+            )
         else:
             row[key] = draw(dirty | json_values)
     return row
@@ -76,7 +86,13 @@ def encode(line):
     return line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass")
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(file_lines=st.lists(lines, min_size=1, max_size=5), on_bad_row=st.sampled_from(["error", "skip"]))
 def test_any_file_loads_with_valid_masks_or_raises_a_located_data_error(file_lines, on_bad_row):
     with tempfile.TemporaryDirectory() as directory:
@@ -85,7 +101,9 @@ def test_any_file_loads_with_valid_masks_or_raises_a_located_data_error(file_lin
             handle.write(b"\n".join(encode(line) for line in file_lines) + b"\n")
         try:
             dataset = load_preference_dataset(path, on_bad_row=on_bad_row)
-            tokenized, _ = tokenize_dataset(dataset, TOKENIZER, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
+            tokenized, _ = tokenize_dataset(
+                dataset, TOKENIZER, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH
+            )
         except DataError as err:
             assert_located(err, path, len(file_lines))
             return
@@ -113,7 +131,9 @@ def assert_located(err, path, n_lines):
     if message == f"{path}: no rows: the source is empty (blank lines only, or no lines at all)":
         assert all(not encode(line).strip() for line in err_lines(path))
         return
-    assert message.startswith((f"{path}: no valid preference rows: all ", f"{path}: no pair survived tokenization; skipped: "))
+    assert message.startswith(
+        (f"{path}: no valid preference rows: all ", f"{path}: no pair survived tokenization; skipped: ")
+    )
     examples = [int(line) for line in re.findall(re.escape(path) + r":(\d+)", message.split(": ", 1)[1])]
     assert examples and all(1 <= line <= n_lines for line in examples), message
 

@@ -11,10 +11,10 @@ import torch
 from transformers import TrainerCallback
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
-from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
-from hf_dpo.guards import FIRST_STEP_RTOL, LN2, NonFiniteLossError, beta_warning, initial_loss
-from hf_dpo.logprobs import response_logp_sums, sequence_logps
+from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.losses import sft_nll
+from hf_dpo.scoring.logprobs import response_logp_sums, sequence_logps
+from hf_dpo.training.guards import FIRST_STEP_RTOL, LN2, NonFiniteLossError, beta_warning, initial_loss
 
 datasets.disable_progress_bars()
 POISONED_ROW = 2
@@ -31,8 +31,15 @@ def tiny_model(tokenizer, seed=0):
 
 def config(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-2,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        learning_rate=1e-2,
     )
     values.update(overrides)
     return DPOConfig(**values)
@@ -55,12 +62,16 @@ class PoisonedTrainer(NormalizedDPOTrainer):
 
 def test_nonfinite_loss_raises_naming_the_rows_of_the_batch(tmp_path, tokenizer):
     rows = make_preference_rows(4, seed=0)
-    trainer = PoisonedTrainer(model=tiny_model(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=rows, processing_class=tokenizer)
+    trainer = PoisonedTrainer(
+        model=tiny_model(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=rows, processing_class=tokenizer
+    )
     with pytest.raises(NonFiniteLossError) as caught:
         trainer.train()
     message = str(caught.value)
     step = trainer.state.global_step + 1
-    assert message.startswith(f"non-finite training loss (nan) at step {step}. Non-finite pairs: <rows>:{POISONED_ROW}. Rows in the batch: ")
+    assert message.startswith(
+        f"non-finite training loss (nan) at step {step}. Non-finite pairs: <rows>:{POISONED_ROW}. Rows in the batch: "
+    )
     batch_rows = message.split("Rows in the batch: ")[1].split(". ")[0].split(", ")
     assert len(batch_rows) == 2 and f"<rows>:{POISONED_ROW}" in batch_rows
     assert message.endswith(
@@ -80,15 +91,22 @@ def test_skipped_step_leaves_parameters_optimizer_and_learning_rate_bit_identica
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
             adam_steps = sorted({float(s["step"]) for s in optimizer.state.values()}) if optimizer.state else []
-            snapshots.append((
-                trainer.guards.skipped_steps,
-                {n: p.detach().clone() for n, p in model.named_parameters()},
-                adam_steps,
-                lr_scheduler.get_last_lr()[0],
-            ))
+            snapshots.append(
+                (
+                    trainer.guards.skipped_steps,
+                    {n: p.detach().clone() for n, p in model.named_parameters()},
+                    adam_steps,
+                    lr_scheduler.get_last_lr()[0],
+                )
+            )
 
     args = config(tmp_path, max_steps=4, nonfinite_loss="skip", weight_decay=0.1, lr_scheduler_type="linear", seed=3)
-    trainer = PoisonedTrainer(model=tiny_model(tokenizer), args=args, train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer)
+    trainer = PoisonedTrainer(
+        model=tiny_model(tokenizer),
+        args=args,
+        train_dataset=make_preference_rows(4, seed=0),
+        processing_class=tokenizer,
+    )
     trainer.add_callback(Snapshot())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -117,8 +135,16 @@ def test_nan_gradient_behind_a_finite_loss_never_reaches_the_weights(tmp_path, t
         return grad * float("nan") if len(backward_calls) == 2 else grad
 
     model.lm_head.weight.register_hook(poison)
-    trainer = NormalizedDPOTrainer(model=model, args=config(tmp_path, max_steps=3), train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer)
-    with pytest.raises(NonFiniteLossError, match=r"^non-finite gradient at step 2 although the loss was finite\. Rows of this step: <rows>:\d, <rows>:\d\. "):
+    trainer = NormalizedDPOTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=3),
+        train_dataset=make_preference_rows(4, seed=0),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^non-finite gradient at step 2 although the loss was finite\. Rows of this step: <rows>:\d, <rows>:\d\. ",
+    ):
         trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -132,7 +158,12 @@ def test_nan_gradient_behind_a_finite_loss_never_reaches_the_weights(tmp_path, t
             if state.global_step == 2:
                 assert all(torch.equal(p, after_first[n]) for n, p in model.named_parameters())
 
-    trainer = NormalizedDPOTrainer(model=tiny_model(tokenizer), args=config(tmp_path, max_steps=3, nonfinite_loss="skip"), train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer)
+    trainer = NormalizedDPOTrainer(
+        model=tiny_model(tokenizer),
+        args=config(tmp_path, max_steps=3, nonfinite_loss="skip"),
+        train_dataset=make_preference_rows(4, seed=0),
+        processing_class=tokenizer,
+    )
     trainer.model.lm_head.weight.register_hook(poison)
     trainer.add_callback(Record())
     trainer.train()
@@ -169,7 +200,9 @@ def test_log_probs_of_half_precision_logits_are_computed_in_fp32():
 
 def test_zero_token_counts_never_reach_a_division():
     sums, counts = torch.tensor([-3.0, -1.0, -2.0]), torch.tensor([3, 0, 2])
-    with pytest.raises(ValueError, match=r"^sequences \[1\] of the batch have no response token; cannot take a per-token mean$"):
+    with pytest.raises(
+        ValueError, match=r"^sequences \[1\] of the batch have no response token; cannot take a per-token mean$"
+    ):
         sequence_logps(sums, counts, length_normalize=True)
     assert sequence_logps(sums, counts, length_normalize=False).tolist() == [-3.0, -1.0, -2.0]
     assert sft_nll(sums, counts).tolist() == [1.0, 1.0, 1.0]  # -(-1) / max(0, 1): finite
@@ -197,17 +230,24 @@ def test_initial_loss_is_the_loss_at_zero_log_ratio(tmp_path, overrides, expecte
 
 def first_step_records(tmp_path, tokenizer, caplog, model, ref_model=None, **overrides):
     trainer = NormalizedDPOTrainer(
-        model=model, ref_model=ref_model, args=config(tmp_path, **overrides), train_dataset=make_preference_rows(2, seed=1), processing_class=tokenizer
+        model=model,
+        ref_model=ref_model,
+        args=config(tmp_path, **overrides),
+        train_dataset=make_preference_rows(2, seed=1),
+        processing_class=tokenizer,
     )
-    with caplog.at_level(logging.INFO, logger="hf_dpo.guards"):
+    with caplog.at_level(logging.INFO, logger="hf_dpo.training.guards"):
         trainer.train()
-    return [r for r in caplog.records if r.name == "hf_dpo.guards"], trainer
+    return [r for r in caplog.records if r.name == "hf_dpo.training.guards"], trainer
 
 
 def test_first_step_passes_silently_when_the_reference_is_the_policy(tmp_path, tokenizer, caplog):
     records, trainer = first_step_records(tmp_path, tokenizer, caplog, tiny_model(tokenizer))
     assert [r.levelno for r in records] == [logging.INFO]
-    assert records[0].getMessage() == "self-check passed: first-step loss 0.693147 equals the loss at zero log-ratio 0.693147"
+    assert (
+        records[0].getMessage()
+        == "self-check passed: first-step loss 0.693147 equals the loss at zero log-ratio 0.693147"
+    )
     assert trainer.state.log_history[0]["loss"] == pytest.approx(LN2, abs=1e-6)
 
 
@@ -225,7 +265,10 @@ def test_first_step_warns_about_a_wrong_reference(tmp_path, tokenizer, caplog):
         "gives ln 2 = 0.6931 (sigmoid loss, tolerance 0.1%)."
     )
     assert 0 < differing < len(pairs)
-    assert f"(1) the reference's weights differ from the policy's in {differing} of {len(pairs)} tensors (e.g. model.embed_tokens.weight)" in warning[0]
+    assert (
+        f"(1) the reference's weights differ from the policy's in {differing} of {len(pairs)} tensors (e.g. model.embed_tokens.weight)"
+        in warning[0]
+    )
 
 
 def test_first_step_names_a_reference_in_another_dtype(tmp_path, tokenizer, caplog):
@@ -237,7 +280,10 @@ def test_first_step_names_a_reference_in_another_dtype(tmp_path, tokenizer, capl
     records, _ = first_step_records(tmp_path, tokenizer, caplog, policy, ref_model=reference)
     warning = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warning) == 1
-    assert "(1) the policy runs in torch.float32 but the reference in torch.bfloat16: load both in the same dtype;" in warning[0]
+    assert (
+        "(1) the policy runs in torch.float32 but the reference in torch.bfloat16: load both in the same dtype;"
+        in warning[0]
+    )
 
 
 def with_attention_dropout(model, p):
@@ -248,12 +294,24 @@ def with_attention_dropout(model, p):
 
 
 def test_first_step_names_live_dropout_and_disable_dropout_turns_attention_dropout_off(tmp_path, tokenizer, caplog):
-    records, _ = first_step_records(tmp_path, tokenizer, caplog, with_attention_dropout(tiny_model(tokenizer), 0.5), disable_dropout=False, beta=10.0)
+    records, _ = first_step_records(
+        tmp_path,
+        tokenizer,
+        caplog,
+        with_attention_dropout(tiny_model(tokenizer), 0.5),
+        disable_dropout=False,
+        beta=10.0,
+    )
     warning = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert len(warning) == 1
-    assert "(1) dropout is on in the policy (model.layers.0.self_attn.attention_dropout=0.5) but not in the reference" in warning[0]
+    assert (
+        "(1) dropout is on in the policy (model.layers.0.self_attn.attention_dropout=0.5) but not in the reference"
+        in warning[0]
+    )
     caplog.clear()
-    records, _ = first_step_records(tmp_path, tokenizer, caplog, with_attention_dropout(tiny_model(tokenizer), 0.5), disable_dropout=True, beta=10.0)
+    records, _ = first_step_records(
+        tmp_path, tokenizer, caplog, with_attention_dropout(tiny_model(tokenizer), 0.5), disable_dropout=True, beta=10.0
+    )
     assert [r.levelno for r in records] == [logging.INFO]
 
 
@@ -275,7 +333,14 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
     assert beta_warning(config(tmp_path)) is None  # default 2.0
     assert beta_warning(config(tmp_path, beta=0.1, length_normalize=False)) is None
 
-    with caplog.at_level(logging.INFO, logger="hf_dpo.guards"):
-        NormalizedDPOTrainer(model=tiny_model(tokenizer), args=carried, train_dataset=make_preference_rows(2, seed=1), processing_class=tokenizer)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_dpo.guards" and r.levelno == logging.WARNING]
+    with caplog.at_level(logging.INFO, logger="hf_dpo.training.guards"):
+        NormalizedDPOTrainer(
+            model=tiny_model(tokenizer),
+            args=carried,
+            train_dataset=make_preference_rows(2, seed=1),
+            processing_class=tokenizer,
+        )
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.guards" and r.levelno == logging.WARNING
+    ]
     assert warnings == [message]  # once, at construction

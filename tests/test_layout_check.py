@@ -5,20 +5,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_packing import random_features
 from transformers import AutoModelForCausalLM
 
 from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer
-from hf_dpo.demo import build_tokenizer, make_preference_rows
-from hf_dpo.layout_check import LayoutMismatchError, layout_verdict, padded_equivalent
-from hf_dpo.packing import PackedDPOCollator
-
-from test_packing import random_features
+from hf_dpo.cli.demo import build_tokenizer, make_preference_rows
+from hf_dpo.layouts.check import LayoutMismatchError, layout_verdict, padded_equivalent
+from hf_dpo.layouts.packed import PackedDPOCollator
 
 CUSTOM_CODE = Path(__file__).parent / "custom_models" / "modeling_tiny_custom.py"
 
 
-@pytest.mark.parametrize("layout", [dict(padding_free=True), dict(share_prompt=True), dict(padding_free=True, share_prompt=True),
-                                    dict(padding_free=True, max_row_tokens=16)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(padding_free=True),
+        dict(share_prompt=True),
+        dict(padding_free=True, share_prompt=True),
+        dict(padding_free=True, max_row_tokens=16),
+    ],
+)
 def test_padded_equivalent_is_the_plain_collators_batch(layout):
     features = random_features(3, prompt_mask=True)
     want = DPOCollator(pad_token_id=0)(features)
@@ -62,10 +68,21 @@ def run(directory, tokenizer, output_dir, **layout):
     assert type(model).__name__ == "TinyCustomForCausalLM" and type(model).__module__.startswith("transformers_modules")
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = DPOConfig(
-        output_dir=str(output_dir), report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        max_steps=2, logging_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, seed=0, **layout,
+        output_dir=str(output_dir),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        seed=0,
+        **layout,
     )
-    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
+    trainer = NormalizedDPOTrainer(
+        model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer
+    )
     return trainer, initial
 
 
@@ -104,11 +121,17 @@ def test_trainer_loads_custom_code_only_with_trust_remote_code(custom_dirs, toke
     rows = make_preference_rows(4, seed=0)
     common = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match="trust_remote_code"):
-        NormalizedDPOTrainer(model=str(custom_dirs[True]), args=DPOConfig(**common), train_dataset=rows, processing_class=tokenizer)
+        NormalizedDPOTrainer(
+            model=str(custom_dirs[True]), args=DPOConfig(**common), train_dataset=rows, processing_class=tokenizer
+        )
     args = DPOConfig(**common)
     args.trust_remote_code = True
     trainer = NormalizedDPOTrainer(
-        model=str(custom_dirs[True]), ref_model=str(custom_dirs[True]), args=args, train_dataset=rows, processing_class=tokenizer
+        model=str(custom_dirs[True]),
+        ref_model=str(custom_dirs[True]),
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
     )
     assert type(trainer.model).__name__ == type(trainer.ref_model).__name__ == "TinyCustomForCausalLM"
     assert type(trainer.model).__module__.startswith("transformers_modules")
@@ -119,7 +142,9 @@ def test_trainer_loads_custom_code_only_with_trust_remote_code(custom_dirs, toke
 def test_layout_flags_parse_auto_true_false_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 
-    parse = lambda *argv: HfArgumentParser(DPOConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])[0]
+    def parse(*argv):
+        return HfArgumentParser(DPOConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path), *argv])[0]
+
     default = parse()
     assert default.padding_free == "auto" and default.share_prompt == "auto"
     flags = parse("--padding_free", "false", "--share_prompt")
@@ -132,14 +157,19 @@ def test_layout_flags_parse_auto_true_false_from_the_command_line(tmp_path):
 def test_auto_layout_turns_off_with_one_warning_on_a_mask_ignoring_model(custom_dirs, tokenizer, tmp_path, caplog):
     auto, _ = run(custom_dirs[False], tokenizer, tmp_path / "auto")
     # Demo data: prompts are about a third of the tokens, padding about a tenth.
-    assert auto.layout.share_prompt and not auto.layout.explicit and "prompts are 34% of the tokens" in auto.layout.reason
-    with caplog.at_level("WARNING", logger="hf_dpo.layout_check"):
+    assert (
+        auto.layout.share_prompt and not auto.layout.explicit and "prompts are 34% of the tokens" in auto.layout.reason
+    )
+    with caplog.at_level("WARNING", logger="hf_dpo.layouts.check"):
         auto.train()
     warnings = [r for r in caplog.records if "turned off for this model" in r.getMessage()]
     assert len(warnings) == 1 and "TinyCustomForCausalLM" in warnings[0].getMessage()
     plain, _ = run(custom_dirs[False], tokenizer, tmp_path / "plain", padding_free=False, share_prompt=False)
     plain.train()
-    losses = lambda trainer: [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    def losses(trainer):
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
     # Scored in the padded layout, the automatic run is the plain run, step for step.
     assert losses(auto) == pytest.approx(losses(plain), abs=1e-6) and len(losses(plain)) == 2
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hf_dpo.collator import DPOCollator
-from hf_dpo.logprobs import next_token_targets, response_logp_sums, token_logps_from_logits
+from hf_dpo.layouts.padded import DPOCollator
+from hf_dpo.scoring.logprobs import next_token_targets, response_logp_sums, token_logps_from_logits
 
 V = 11
 
@@ -74,12 +74,22 @@ def test_padding_is_ignored_whatever_its_logits():
 
 def test_row_alone_equals_row_padded_through_a_model():
     """Through a tiny causal LM and the collator: right padding changes no response log-prob (fp32, 1e-5)."""
-    from hf_dpo.demo import build_model, build_tokenizer
+    from hf_dpo.cli.demo import build_model, build_tokenizer
 
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2).eval()
-    short = {"chosen_input_ids": [5, 6, 7, 8], "chosen_response_mask": [0, 0, 1, 1], "rejected_input_ids": [5, 6, 9], "rejected_response_mask": [0, 0, 1]}
-    long = {"chosen_input_ids": list(range(20, 32)), "chosen_response_mask": [0] * 4 + [1] * 8, "rejected_input_ids": list(range(40, 50)), "rejected_response_mask": [0] * 4 + [1] * 6}
+    short = {
+        "chosen_input_ids": [5, 6, 7, 8],
+        "chosen_response_mask": [0, 0, 1, 1],
+        "rejected_input_ids": [5, 6, 9],
+        "rejected_response_mask": [0, 0, 1],
+    }
+    long = {
+        "chosen_input_ids": list(range(20, 32)),
+        "chosen_response_mask": [0] * 4 + [1] * 8,
+        "rejected_input_ids": list(range(40, 50)),
+        "rejected_response_mask": [0] * 4 + [1] * 6,
+    }
     collate = DPOCollator(pad_token_id=tokenizer.pad_token_id)
 
     def score(features):

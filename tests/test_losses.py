@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from hf_dpo.logprobs import sequence_logps
 from hf_dpo.losses import LOSS_REGISTRY, get_loss, preference_loss, sft_nll
+from hf_dpo.scoring.logprobs import sequence_logps
 
 LN2 = math.log(2.0)
 SP_NEG_1 = math.log1p(math.exp(-1.0))  # sp(-1) = 0.31326168751822286
@@ -33,7 +33,9 @@ REF_REJECTED = (-1.0, -1.0, -1.0)
 
 
 def _losses(loss_type, **kwargs):
-    return preference_loss(t(*POLICY_CHOSEN), t(*POLICY_REJECTED), t(*REF_CHOSEN), t(*REF_REJECTED), loss_type=loss_type, **kwargs)
+    return preference_loss(
+        t(*POLICY_CHOSEN), t(*POLICY_REJECTED), t(*REF_CHOSEN), t(*REF_REJECTED), loss_type=loss_type, **kwargs
+    )
 
 
 def test_sigmoid_hand_values():
@@ -114,7 +116,13 @@ def test_simpo_hand_values():
     torch.testing.assert_close(rejected_rewards, t(-2.5, -4.0, -2.0), rtol=0, atol=1e-12)
     # The reference is ignored when given.
     with_ref, _, _ = preference_loss(
-        t(-1.0, -1.0, -2.0), t(-1.25, -2.0, -1.0), t(5.0, 5.0, 5.0), t(-5.0, -5.0, -5.0), loss_type="simpo", beta=2.0, simpo_gamma=0.5
+        t(-1.0, -1.0, -2.0),
+        t(-1.25, -2.0, -1.0),
+        t(5.0, 5.0, 5.0),
+        t(-5.0, -5.0, -5.0),
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.5,
     )
     torch.testing.assert_close(with_ref, losses, rtol=0, atol=0)
 
@@ -134,7 +142,9 @@ def test_step_zero_is_ln2_with_zero_rewards():
     """Policy == reference: m = 0, so DPO gives ln 2 and rewards 0 for any beta."""
     logps = t(-0.7, -3.2)
     for beta in (0.1, 2.0, 10.0):
-        losses, chosen_rewards, rejected_rewards = preference_loss(logps, logps - 1, logps, logps - 1, "sigmoid", beta=beta)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            logps, logps - 1, logps, logps - 1, "sigmoid", beta=beta
+        )
         torch.testing.assert_close(losses, t(LN2, LN2), rtol=0, atol=1e-12)
         assert chosen_rewards.abs().max().item() == 0.0 and rejected_rewards.abs().max().item() == 0.0
 
@@ -177,7 +187,9 @@ def test_rewards_carry_no_gradient():
     """Rewards are for logging: detached, so they can never leak into the loss's graph."""
     policy_chosen, policy_rejected = t(-1.0).requires_grad_(), t(-2.0).requires_grad_()
     for name in LOSS_REGISTRY:
-        _, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, t(-1.0), t(-1.0), name, beta=1.0)
+        _, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen, policy_rejected, t(-1.0), t(-1.0), name, beta=1.0
+        )
         assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
 
 
@@ -185,7 +197,9 @@ def test_sequence_logps_sum_and_mean():
     """sums (-6, -2, -4.5) over counts (3, 4, 9): sum form returns them as is, mean form (-2, -0.5, -0.5)."""
     sums, counts = torch.tensor([-6.0, -2.0, -4.5]), torch.tensor([3, 4, 9])
     torch.testing.assert_close(sequence_logps(sums, counts, length_normalize=False), sums, rtol=0, atol=0)
-    torch.testing.assert_close(sequence_logps(sums, counts, length_normalize=True), torch.tensor([-2.0, -0.5, -0.5]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sequence_logps(sums, counts, length_normalize=True), torch.tensor([-2.0, -0.5, -0.5]), rtol=0, atol=0
+    )
 
 
 def test_sequence_logps_mean_feeds_the_loss():

@@ -16,27 +16,46 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer
-from hf_dpo.demo import build_tokenizer, make_preference_rows
+from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo.cli.demo import build_tokenizer, make_preference_rows
 
 COEF = 0.3  # large, so that a dropped or doubled aux term shows far above 1e-6
 
 
 def mixtral(vocab_size: int) -> MixtralForCausalLM:
     config = MixtralConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        output_router_logits=True, router_aux_loss_coef=COEF, attn_implementation="sdpa",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        output_router_logits=True,
+        router_aux_loss_coef=COEF,
+        attn_implementation="sdpa",
     )
     return MixtralForCausalLM(config)
 
 
 def qwen2_moe(vocab_size: int) -> Qwen2MoeForCausalLM:
     config = Qwen2MoeConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
-        shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_experts=4, num_experts_per_tok=2, max_position_embeddings=128, output_router_logits=True,
-        router_aux_loss_coef=COEF, attn_implementation="sdpa",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        output_router_logits=True,
+        router_aux_loss_coef=COEF,
+        attn_implementation="sdpa",
     )
     return Qwen2MoeForCausalLM(config)
 
@@ -48,12 +67,23 @@ def tokenizer():
 
 def make_trainer(tmp_path, tokenizer, policy, reference, **overrides):
     values = dict(
-        output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, max_length=64,
-        per_device_train_batch_size=4, padding_free=False, share_prompt=False, seed=0,
+        output_dir=str(tmp_path),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        max_length=64,
+        per_device_train_batch_size=4,
+        padding_free=False,
+        share_prompt=False,
+        seed=0,
     )
     values.update(overrides)
     return NormalizedDPOTrainer(
-        model=policy, ref_model=reference, args=DPOConfig(**values), processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        args=DPOConfig(**values),
+        processing_class=tokenizer,
         train_dataset=make_preference_rows(8, seed=1),
     )
 
@@ -119,7 +149,7 @@ def test_trains_and_logs_aux_loss(tokenizer, tmp_path):
 
 
 def test_router_aux_loss_coef_needs_a_router(tokenizer, tmp_path):
-    from hf_dpo.demo import build_model
+    from hf_dpo.cli.demo import build_model
 
     with pytest.raises(ValueError, match="router_aux_loss_coef"):
         make_trainer(tmp_path, tokenizer, build_model(tokenizer), None, router_aux_loss_coef=0.01)

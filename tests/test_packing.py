@@ -3,19 +3,32 @@
 import pytest
 import torch
 
-from hf_dpo.collator import DPOCollator
-from hf_dpo.demo import build_model, build_tokenizer
-from hf_dpo.packing import PackedDPOCollator, attention_mask_4d, build_collator
-from hf_dpo.sampling import add_length_column, pair_widths
+from hf_dpo.cli.demo import build_model, build_tokenizer
+from hf_dpo.layouts.attention import attention_mask_4d
+from hf_dpo.layouts.choice import LayoutChoice, build_collator
+from hf_dpo.layouts.grouping import add_length_column, pair_widths
+from hf_dpo.layouts.packed import PackedDPOCollator
+from hf_dpo.layouts.padded import DPOCollator
 from hf_dpo.scoring import score_batch
-
 
 # Two pairs; prompt = first token. Pair 0: chosen 5 6 7, rejected 5 8. Pair 1: chosen 9 10, rejected 9 11 12.
 FEATURES = [
-    {"chosen_input_ids": [5, 6, 7], "chosen_response_mask": [0, 1, 1], "rejected_input_ids": [5, 8],
-     "rejected_response_mask": [0, 1], "prompt_length": 1, "row_id": 10},
-    {"chosen_input_ids": [9, 10], "chosen_response_mask": [0, 1], "rejected_input_ids": [9, 11, 12],
-     "rejected_response_mask": [0, 1, 1], "prompt_length": 1, "row_id": 11},
+    {
+        "chosen_input_ids": [5, 6, 7],
+        "chosen_response_mask": [0, 1, 1],
+        "rejected_input_ids": [5, 8],
+        "rejected_response_mask": [0, 1],
+        "prompt_length": 1,
+        "row_id": 10,
+    },
+    {
+        "chosen_input_ids": [9, 10],
+        "chosen_response_mask": [0, 1],
+        "rejected_input_ids": [9, 11, 12],
+        "rejected_response_mask": [0, 1, 1],
+        "prompt_length": 1,
+        "row_id": 11,
+    },
 ]
 
 
@@ -52,26 +65,37 @@ def test_bounded_rows_pack_longest_first():
 def test_block_diagonal_mask_expected():
     batch = PackedDPOCollator(pad_token_id=0, padding_free=True)(FEATURES[:1])  # 5 6 7 | 5 8
     mask = attention_mask_4d(batch["segment_ids"], batch["branch_ids"])
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0],
-        [0, 0, 0, 1, 0],  # the rejected sequence restarts: it sees only itself
-        [0, 0, 0, 1, 1],
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [0, 0, 0, 1, 0],  # the rejected sequence restarts: it sees only itself
+            [0, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert mask.shape == (1, 1, 5, 5) and torch.equal(mask[0, 0], expected)
     additive = attention_mask_4d(batch["segment_ids"], batch["branch_ids"], torch.float32)
     assert torch.equal(additive[0, 0] == 0, expected) and additive.min() == torch.finfo(torch.float32).min
 
 
 def test_build_collator_picks_the_layout():
-    class Args:
-        pad_to_multiple_of, padding_free, share_prompt = None, False, False
-
-    assert isinstance(build_collator(0, Args()), DPOCollator)
-    Args.padding_free = True
-    collator = build_collator(0, Args())
-    assert isinstance(collator, PackedDPOCollator) and collator.padding_free and not collator.share_prompt
+    choice = LayoutChoice(
+        padding_free=False, share_prompt=False, pad_to_multiple_of=None, padding_free_max_row_tokens=None, explicit=True
+    )
+    assert isinstance(build_collator(0, choice), DPOCollator)
+    choice.padding_free = True
+    collator = build_collator(0, choice)
+    assert (
+        isinstance(collator.packed, PackedDPOCollator)
+        and collator.packed.padding_free
+        and not collator.packed.share_prompt
+    )
+    features = random_features(2)
+    assert "logp_positions" in collator(features)
+    collator.use_padded()  # a failed automatic layout falls back: later batches come padded, not packed
+    assert "logp_positions" not in collator(features) and "response_mask" in collator(features)
 
 
 def random_features(n_pairs, seed=0, prompt_mask=False):
@@ -86,11 +110,15 @@ def random_features(n_pairs, seed=0, prompt_mask=False):
             mask[1:3] = [1, 1]  # an earlier assistant turn, scored under completion_turns="all"
         chosen = torch.randint(3, 900, (2 + 3 * i,), generator=generator).tolist()
         rejected = torch.randint(3, 900, (9 - 2 * i,), generator=generator).tolist()
-        features.append({
-            "chosen_input_ids": prompt + chosen, "chosen_response_mask": mask + [1] * len(chosen),
-            "rejected_input_ids": prompt + rejected, "rejected_response_mask": mask + [1] * len(rejected),
-            "prompt_length": n_prompt,
-        })
+        features.append(
+            {
+                "chosen_input_ids": prompt + chosen,
+                "chosen_response_mask": mask + [1] * len(chosen),
+                "rejected_input_ids": prompt + rejected,
+                "rejected_response_mask": mask + [1] * len(rejected),
+                "prompt_length": n_prompt,
+            }
+        )
     return features
 
 
@@ -117,18 +145,22 @@ def test_padding_free_equals_padded_fp32(attn, response_only, max_row_tokens):
     model.config._attn_implementation = attn
     features = random_features(3)
     padded = sums_and_grads(model, DPOCollator(tokenizer.pad_token_id)(features), response_only=False)
-    packed_batch = PackedDPOCollator(tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=8, max_row_tokens=max_row_tokens)(features)
+    packed_batch = PackedDPOCollator(
+        tokenizer.pad_token_id, padding_free=True, pad_to_multiple_of=8, max_row_tokens=max_row_tokens
+    )(features)
     # Lengths 5, 12, 19 | 12, 14, 16 in rows of max(16, 19): [19], [16], [14 + 5], [12], [12].
     assert packed_batch["input_ids"].shape[0] == (1 if max_row_tokens is None else 5)
-    assert (packed_batch["segment_ids"] >= 0).sum() == sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features)
+    assert (packed_batch["segment_ids"] >= 0).sum() == sum(
+        len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features
+    )
     assert_equivalent(sums_and_grads(model, packed_batch, response_only), padded)
 
 
 def test_length_column_and_trainer_sampler(tmp_path):
+    import datasets
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    import datasets
 
     features = random_features(4)
     # |chosen| = 5, 12, 19, 26 and |rejected| = 12, 14, 16, 18: widths are the max, or the sum minus the prompt (3, 7, 11, 15).
@@ -139,9 +171,19 @@ def test_length_column_and_trainer_sampler(tmp_path):
 
     tokenizer = build_tokenizer("chatml")
     for share_prompt, widths in (("false", [12, 14, 19, 26]), ("auto", [14, 19, 24, 29])):
-        args = DPOConfig(output_dir=str(tmp_path), train_sampling_strategy="group_by_length", per_device_train_batch_size=2,
-                         report_to=[], share_prompt=share_prompt)
-        trainer = NormalizedDPOTrainer(build_model(tokenizer), args=args, train_dataset=dataset.remove_columns("length"), processing_class=tokenizer)
+        args = DPOConfig(
+            output_dir=str(tmp_path),
+            train_sampling_strategy="group_by_length",
+            per_device_train_batch_size=2,
+            report_to=[],
+            share_prompt=share_prompt,
+        )
+        trainer = NormalizedDPOTrainer(
+            build_model(tokenizer),
+            args=args,
+            train_dataset=dataset.remove_columns("length"),
+            processing_class=tokenizer,
+        )
         # "auto" shares the prompts here (they are 36 of 122 tokens), so the lengths are the shared units' widths.
         assert trainer.layout.share_prompt is (share_prompt == "auto")
         sampler = trainer._get_train_sampler()

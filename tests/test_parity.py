@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
-from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
 N_PAIRS = 8
 MAX_LENGTH = 128
@@ -70,13 +70,22 @@ def models(tokenizer):
 def our_trainer(models, tokenizer, rows, output_dir, length_normalize: bool) -> NormalizedDPOTrainer:
     policy, reference = models
     args = DPOConfig(
-        output_dir=str(output_dir), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-        length_normalize=length_normalize, max_length=MAX_LENGTH, max_prompt_length=MAX_LENGTH - 1,
+        output_dir=str(output_dir),
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        length_normalize=length_normalize,
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_LENGTH - 1,
         per_device_train_batch_size=N_PAIRS,
     )
     return NormalizedDPOTrainer(
-        model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=args,
-        train_dataset=rows, processing_class=tokenizer,
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=rows,
+        processing_class=tokenizer,
     )
 
 
@@ -99,7 +108,7 @@ def float64_logp_sum(model, input_ids: list[int], token_mask: list[int]) -> tupl
 
 
 # The bound for both forms. It holds because per-sequence sums are accumulated in float64
-# (hf_dpo.logprobs.per_sequence_sums): in fp32 a partial sum near 60 has a 3.8e-6 step, which put
+# (hf_dpo.scoring.logprobs.per_sequence_sums): in fp32 a partial sum near 60 has a 3.8e-6 step, which put
 # the mean form with beta 2 at 1.8e-6.
 LOSS_TOLERANCE = {False: 1e-6, True: 1e-6}
 
@@ -134,9 +143,11 @@ def test_loss_matches_float64_recomputation(models, tokenizer, rows, tmp_path, l
     sum_error = ((our_sums.double() - sums[0]).abs() / sums[0].abs()).max().item()
 
     diff = (losses.double() - expected).abs().max().item()
-    print(f"\n[parity] ours vs float64 ({'mean' if length_normalize else 'sum'}, beta {beta}): "
-          f"max |loss diff| = {diff:.3e}, max relative sum error = {sum_error:.1e}; "
-          f"losses {[round(x, 4) for x in expected.tolist()]}")
+    print(
+        f"\n[parity] ours vs float64 ({'mean' if length_normalize else 'sum'}, beta {beta}): "
+        f"max |loss diff| = {diff:.3e}, max relative sum error = {sum_error:.1e}; "
+        f"losses {[round(x, 4) for x in expected.tolist()]}"
+    )
     assert (expected - math.log(2)).abs().max().item() > 0.02  # informative: away from the step-0 value
     assert sum_error < 5e-7
     assert diff < LOSS_TOLERANCE[length_normalize]
@@ -156,14 +167,27 @@ def test_loss_matches_trl(models, tokenizer, rows, tmp_path, trl_loss_type, leng
     beta = ours.args.beta
 
     trl_args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-        loss_type=[trl_loss_type], beta=beta, bf16=False, fp16=False, gradient_checkpointing=False,
-        max_length=MAX_LENGTH, per_device_train_batch_size=N_PAIRS, pad_to_multiple_of=None,
+        output_dir=str(tmp_path / "trl"),
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        loss_type=[trl_loss_type],
+        beta=beta,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_length=MAX_LENGTH,
+        per_device_train_batch_size=N_PAIRS,
+        pad_to_multiple_of=None,
     )
     # TRL patches the forward of the models it is given, so it gets copies.
     theirs = trl.DPOTrainer(
-        model=copy.deepcopy(policy), ref_model=copy.deepcopy(reference), args=trl_args,
-        train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(reference),
+        args=trl_args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
     )
 
     # Same token ids and the same scored span on both sides.
@@ -179,8 +203,10 @@ def test_loss_matches_trl(models, tokenizer, rows, tmp_path, trl_loss_type, leng
     with torch.no_grad():
         trl_loss = theirs.compute_loss(theirs.model, trl_batch).item()
     diff = abs(our_losses.mean().item() - trl_loss)
-    print(f"\n[parity] ours vs TRL {trl_loss_type} (beta {beta}): loss {our_losses.mean().item():.6f} vs {trl_loss:.6f}, "
-          f"|diff| = {diff:.3e}")
+    print(
+        f"\n[parity] ours vs TRL {trl_loss_type} (beta {beta}): loss {our_losses.mean().item():.6f} vs {trl_loss:.6f}, "
+        f"|diff| = {diff:.3e}"
+    )
     assert abs(trl_loss - math.log(2)) > 0.01  # informative: away from the step-0 value
     assert diff < 1e-5
     if not length_normalize:

@@ -1,4 +1,4 @@
-"""hf_dpo.plotting: series from a Trainer log history, the PNG, and the missing-matplotlib path."""
+"""hf_dpo.cli.plotting: series from a Trainer log history, the PNG, and the missing-matplotlib path."""
 
 import math
 import struct
@@ -6,16 +6,30 @@ import sys
 
 import pytest
 
-from hf_dpo.plotting import PANELS, curves_from_log_history, plot_training_curves
+from hf_dpo.cli.plotting import PANELS, curves_from_log_history, plot_training_curves
 
 # A log history as Trainer writes it: evaluation before training at step 0, training
 # logs every 2 steps, a NaN loss (dropped), an evaluation at step 6, the final summary,
 # and an entry without a step (ignored).
 HISTORY = [
     {"eval_loss": 0.6931, "eval_rewards/accuracies": 0.5, "eval_rewards/margins": 0.0, "step": 0},
-    {"loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.01, "logps/chosen": -7.0, "logps/rejected": -7.1, "step": 2},
+    {
+        "loss": 0.69,
+        "rewards/accuracies": 0.5,
+        "rewards/margins": 0.01,
+        "logps/chosen": -7.0,
+        "logps/rejected": -7.1,
+        "step": 2,
+    },
     {"loss": math.nan, "rewards/accuracies": 0.625, "step": 4},
-    {"loss": 0.5, "rewards/accuracies": 0.75, "rewards/margins": 0.4, "logps/chosen": -6.5, "logps/rejected": -7.4, "step": 6},
+    {
+        "loss": 0.5,
+        "rewards/accuracies": 0.75,
+        "rewards/margins": 0.4,
+        "logps/chosen": -6.5,
+        "logps/rejected": -7.4,
+        "step": 6,
+    },
     {"eval_loss": 0.4, "eval_rewards/accuracies": 0.9, "eval_rewards/margins": 0.6, "step": 6},
     {"train_runtime": 1.0, "train_loss": 0.55, "step": 6},
     {"loss": 0.3},
@@ -54,7 +68,13 @@ def test_plot_writes_a_png_of_the_figure_size(tmp_path):
 
 
 def test_plot_without_matplotlib_raises_a_clear_import_error(tmp_path, monkeypatch):
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg", "matplotlib.ticker"):
+    for name in (
+        "matplotlib",
+        "matplotlib.figure",
+        "matplotlib.backends",
+        "matplotlib.backends.backend_agg",
+        "matplotlib.ticker",
+    ):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_training_curves(HISTORY, tmp_path / "curves.png")

@@ -3,17 +3,16 @@
 For every template and every case: the unscored ids are exactly the tokenized
 inference-time prompt (``apply_chat_template(prompt, add_generation_prompt=True)``),
 the scored text is the answer as written plus the template's end-of-turn text (written
-out below per template, independently of hf_dpo.templates, which discovers it), and any
+out below per template, independently of hf_dpo.tokenization.templates, which discovers it), and any
 rewrite the template made is reported under the kind listed here. With
 ``completion_turns="all"`` every scored span ends with the end-of-turn text.
 """
 
 import pytest
+from real_templates import NAMES, SKIP_REASON, build_template_tokenizer
 
 from hf_dpo.data import DataError, load_preference_dataset
 from hf_dpo.tokenization import tokenize_dataset, tokenize_row
-
-from real_templates import NAMES, SKIP_REASON, build_template_tokenizer
 
 pytestmark = pytest.mark.skipif(not NAMES, reason=SKIP_REASON)
 
@@ -66,9 +65,7 @@ CASES = {
 
 # The rewrite each template makes on each case ("" = the full render is prompt + answer + end-of-turn).
 TRAILING = {"llama3-instruct-orig": "trailing_text_dropped", "phi3.5-mini-instruct": "trailing_text_dropped"}
-EXPECTED_REWRITE = {
-    name: {case: TRAILING.get(name, "") for case in CASES} for name in END_OF_TURN
-}
+EXPECTED_REWRITE = {name: {case: TRAILING.get(name, "") for case in CASES} for name in END_OF_TURN}
 for case in CASES:
     # Qwen3 inserts an empty think block before every answer without one (in "think", the rejected one).
     EXPECTED_REWRITE["qwen3"][case] = "text_inserted_before_answer"
@@ -92,7 +89,11 @@ def answer_of(tokenizer, case, side):
 def row_of(tokenizer, case):
     prompt = CASES[case][0]
     return {
-        "layout": "conversational", "prompt": prompt, "prompt_text": "", "chosen_text": "", "rejected_text": "",
+        "layout": "conversational",
+        "prompt": prompt,
+        "prompt_text": "",
+        "chosen_text": "",
+        "rejected_text": "",
         "chosen": [{"role": "assistant", "content": answer_of(tokenizer, case, "chosen")}],
         "rejected": [{"role": "assistant", "content": answer_of(tokenizer, case, "rejected")}],
     }
@@ -163,8 +164,14 @@ def test_rewrites_are_counted_in_the_report(tmp_path):
 
     tokenizer = build_template_tokenizer("phi3.5-mini-instruct")
     path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": CASES[c][0], "chosen": [{"role": "assistant", "content": CASES[c][1]}],
-             "rejected": [{"role": "assistant", "content": CASES[c][2]}]} for c in ("single", "system", "cjk")]
+    rows = [
+        {
+            "prompt": CASES[c][0],
+            "chosen": [{"role": "assistant", "content": CASES[c][1]}],
+            "rejected": [{"role": "assistant", "content": CASES[c][2]}],
+        }
+        for c in ("single", "system", "cjk")
+    ]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     _, report = tokenize_dataset(load_preference_dataset(str(path)), tokenizer)
     assert report.counters["template_rewrites"] == 3
@@ -176,7 +183,7 @@ def test_chat_template_kwargs_reach_every_template_call(tmp_path):
 
     from transformers import HfArgumentParser
 
-    from hf_dpo.config import DPOConfig
+    from hf_dpo.training.config import DPOConfig
 
     (config,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--chat_template_kwargs", '{"enable_thinking": false}', "--report_to", "none"]
@@ -186,17 +193,31 @@ def test_chat_template_kwargs_reach_every_template_call(tmp_path):
         DPOConfig(output_dir=str(tmp_path), chat_template_kwargs="[1]", report_to="none")
     tokenizer = build_template_tokenizer("qwen3")
     prompt = CASES["multi"][0]
-    out = tokenize_row(row_of(tokenizer, "multi"), tokenizer, completion_turns="all", chat_template_kwargs=config.chat_template_kwargs)
-    expected_prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    out = tokenize_row(
+        row_of(tokenizer, "multi"), tokenizer, completion_turns="all", chat_template_kwargs=config.chat_template_kwargs
+    )
+    expected_prompt = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=False, enable_thinking=False
+    )
     assert expected_prompt.endswith("<think>\n\n</think>\n\n")
     n = out["prompt_length"]
     assert tokenizer.decode(out["chosen_input_ids"][:n]) == expected_prompt
     # With thinking off, the prompt holds the empty think block: the full render is prompt + answer, no rewrite.
     assert out["template_rewrite"] == "" and tokenizer.decode(out["chosen_input_ids"][n:]) == "Cold.<|im_end|>\n"
     # Per-row kwargs (as TRL allows) update the config's, for that row only.
-    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "Cold."}], "rejected": [{"role": "assistant", "content": "Warm."}],
-             "chat_template_kwargs": {"enable_thinking": False}},
-            {"prompt": prompt, "chosen": [{"role": "assistant", "content": "Cold."}], "rejected": [{"role": "assistant", "content": "Hot."}]}]
+    rows = [
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": "Cold."}],
+            "rejected": [{"role": "assistant", "content": "Warm."}],
+            "chat_template_kwargs": {"enable_thinking": False},
+        },
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "assistant", "content": "Cold."}],
+            "rejected": [{"role": "assistant", "content": "Hot."}],
+        },
+    ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tokenized, report = tokenize_dataset(load_preference_dataset(str(path)), tokenizer)
@@ -241,7 +262,9 @@ def compatibility_table():
         rendered = tokenizer.apply_chat_template(CASES["single"][0], add_generation_prompt=True, tokenize=False)
         question = CASES["single"][0][-1]["content"]
         tail = rendered[rendered.rindex(question) + len(question) :]
-        scored = ("answer after `<think>\\n`" if name == "r1-distill-qwen" else "answer") + f" + `{END_OF_TURN[name]!r}`"
+        scored = (
+            "answer after `<think>\\n`" if name == "r1-distill-qwen" else "answer"
+        ) + f" + `{END_OF_TURN[name]!r}`"
         kinds = EXPECTED_REWRITE[name]
         fired = sorted({k for k in kinds.values() if k})
         cells = "; ".join(f"{k}: {', '.join(c for c, v in kinds.items() if v == k)}" for k in fired) or "none"
@@ -255,4 +278,6 @@ def test_docs_compatibility_table_is_current():
     text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
     assert DOC_BEGIN in text and DOC_END in text, "docs/data.md lacks the template table markers"
     current = text.split(DOC_BEGIN)[1].split(DOC_END)[0].strip()
-    assert current == compatibility_table(), "docs/data.md's template table is stale; paste compatibility_table() from tests/test_real_templates.py"
+    assert current == compatibility_table(), (
+        "docs/data.md's template table is stale; paste compatibility_table() from tests/test_real_templates.py"
+    )

@@ -3,12 +3,11 @@
 import datasets
 import pytest
 import torch
+from test_packing import random_features
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
-from hf_dpo import ref_cache
-from hf_dpo.demo import build_model, build_tokenizer
-
-from test_packing import random_features
+from hf_dpo.cli.demo import build_model, build_tokenizer
+from hf_dpo.reference import cache as ref_cache
 
 
 def pairs(n, seed=0):
@@ -18,12 +17,18 @@ def pairs(n, seed=0):
 def make_trainer(tmp_path, train, eval_=None, ref_seed=1, cache="cache", **options):
     tokenizer = build_tokenizer("chatml")
     args = DPOConfig(
-        output_dir=str(tmp_path / "out"), report_to=[], per_device_train_batch_size=2, per_device_eval_batch_size=2,
-        ref_logps_cache_dir=str(tmp_path / cache), **options,
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        ref_logps_cache_dir=str(tmp_path / cache),
+        **options,
     )
     policy = build_model(tokenizer, hidden_size=32, seed=0)
     ref_model = build_model(tokenizer, hidden_size=32, seed=ref_seed)
-    return NormalizedDPOTrainer(policy, ref_model, args=args, train_dataset=train, eval_dataset=eval_, processing_class=tokenizer)
+    return NormalizedDPOTrainer(
+        policy, ref_model, args=args, train_dataset=train, eval_dataset=eval_, processing_class=tokenizer
+    )
 
 
 def on_the_fly_sums(trainer, dataset):
@@ -41,15 +46,29 @@ def test_precomputed_sums_equal_on_the_fly_reference_and_model_is_released(tmp_p
     eval_chosen, _ = on_the_fly_sums(plain, evaluation)
 
     trainer = make_trainer(tmp_path, train, evaluation, precompute_ref_logps=True)
-    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_chosen_logp_sums"], dtype=torch.float64), chosen, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(trainer.train_dataset["ref_rejected_logp_sums"], dtype=torch.float64), rejected, rtol=1e-6, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(trainer.eval_dataset["ref_chosen_logp_sums"], dtype=torch.float64), eval_chosen, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(trainer.train_dataset["ref_chosen_logp_sums"], dtype=torch.float64), chosen, rtol=1e-6, atol=1e-5
+    )
+    torch.testing.assert_close(
+        torch.tensor(trainer.train_dataset["ref_rejected_logp_sums"], dtype=torch.float64),
+        rejected,
+        rtol=1e-6,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        torch.tensor(trainer.eval_dataset["ref_chosen_logp_sums"], dtype=torch.float64),
+        eval_chosen,
+        rtol=1e-6,
+        atol=1e-5,
+    )
     assert trainer.ref_model is None and len(trainer.accelerator._models) == 0
 
     # The loss of a batch is the same as with the live reference, and evaluation runs on the cached columns.
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     plain_batch = plain.data_collator([train[i] for i in range(3)])
-    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), plain.compute_loss(plain.model, plain_batch), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        trainer.compute_loss(trainer.model, batch), plain.compute_loss(plain.model, plain_batch), rtol=1e-6, atol=1e-5
+    )
     assert "eval_loss" in trainer.evaluate()
     with pytest.raises(ValueError, match="reference model was released"):
         trainer.evaluate(pairs(2, seed=9))
@@ -79,18 +98,31 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path):
     peft = pytest.importorskip("peft")
     tokenizer = build_tokenizer("chatml")
     train = pairs(2)
-    args = DPOConfig(output_dir=str(tmp_path / "out"), report_to=[], per_device_eval_batch_size=2, precompute_ref_logps=True,
-                     ref_logps_cache_dir=str(tmp_path / "cache"))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        per_device_eval_batch_size=2,
+        precompute_ref_logps=True,
+        ref_logps_cache_dir=str(tmp_path / "cache"),
+    )
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # adapter != identity
-    trainer = NormalizedDPOTrainer(build_model(tokenizer, hidden_size=32), args=args, train_dataset=train,
-                                   processing_class=tokenizer, peft_config=lora)
+    trainer = NormalizedDPOTrainer(
+        build_model(tokenizer, hidden_size=32),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
     assert trainer.reference_mode == "adapter"
     base = build_model(tokenizer, hidden_size=32)  # the same seed: the weights under the adapter
     batch = trainer.data_collator([train[i] for i in range(2)])
     with torch.no_grad():
         expected, _ = trainer.score(base, batch)
         adapted, _ = trainer.score(trainer.model, batch)
-    got = torch.tensor(list(trainer.train_dataset["ref_chosen_logp_sums"]) + list(trainer.train_dataset["ref_rejected_logp_sums"]), dtype=torch.float64)
+    got = torch.tensor(
+        list(trainer.train_dataset["ref_chosen_logp_sums"]) + list(trainer.train_dataset["ref_rejected_logp_sums"]),
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
     assert (adapted - expected).abs().max() > 1e-4  # the adapter really changes the scores
 

@@ -3,15 +3,14 @@
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import pytest
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
+from hf_dpo.cli.demo import build_model, build_tokenizer
 from hf_dpo.data import DataReport
-from hf_dpo.demo import build_model, build_tokenizer
-from hf_dpo.report import format_data_report, length_stats, log_data_reports
+from hf_dpo.data.report import format_data_report, length_stats, log_data_reports
 
 datasets.disable_progress_bars()
 MAX_LENGTH, MAX_PROMPT_LENGTH = 16, 12
@@ -25,7 +24,11 @@ KNOWN_LINES = [
     {"prompt": "q", "chosen": " same", "rejected": " same"},  # 5 identical_responses
     {"prompt": "word " * 30 + "?", "chosen": " yes", "rejected": " no"},  # 6 kept; 33-token prompt cut to 12
     {"prompt": "q", "chosen": " x"},  # 7 missing_field
-    {"prompt": "Why?", "chosen": " because the quick brown fox jumps over the lazy dog", "rejected": " no"},  # 8 kept; 14-token answer cut to 12
+    {
+        "prompt": "Why?",
+        "chosen": " because the quick brown fox jumps over the lazy dog",
+        "rejected": " no",
+    },  # 8 kept; 14-token answer cut to 12
     {"prompt": "Hi", "chosen": " A<|im_end|>B", "rejected": " no"},  # 9 kept; spells the special token <|im_end|>
     "garbage",  # 10 bad_json
     {"prompt": "q2", "chosen": "  ", "rejected": " no"},  # 11 empty_content
@@ -49,21 +52,23 @@ def expected_report(path):
               -> sorted 2 2 2 4 14: mean 4.8, p50 2, p95 14
     rejected: 2, 3 (all er EOS), 2, 2, 2 -> mean 2.2, p50 2, p95 3
     """
-    return "\n".join([
-        f"data report (train): {path}",
-        "  rows        10 read, 5 kept, 5 skipped",
-        f"  skipped     bad_json                 2  e.g. {path}:4, {path}:10",
-        f"  skipped     empty_content            1  e.g. {path}:11",
-        f"  skipped     identical_responses      1  e.g. {path}:5",
-        f"  skipped     missing_field            1  e.g. {path}:7",
-        "  truncated   prompts 1 (oldest tokens dropped), responses 1 (cut from the right)",
-        "  merges      1 prompt/response token-boundary merge(s), response tokenized apart",
-        f"  special     1 row(s) spell a special token in their text, kept (e.g. {path}:9 <|im_end|>)",
-        "  tokens           min    mean     p50     p95     max  (before truncation)",
-        "  prompt             2    10.4       6      33      33",
-        "  chosen             2     4.8       2      14      14",
-        "  rejected           2     2.2       2       3       3",
-    ])
+    return "\n".join(
+        [
+            f"data report (train): {path}",
+            "  rows        10 read, 5 kept, 5 skipped",
+            f"  skipped     bad_json                 2  e.g. {path}:4, {path}:10",
+            f"  skipped     empty_content            1  e.g. {path}:11",
+            f"  skipped     identical_responses      1  e.g. {path}:5",
+            f"  skipped     missing_field            1  e.g. {path}:7",
+            "  truncated   prompts 1 (oldest tokens dropped), responses 1 (cut from the right)",
+            "  merges      1 prompt/response token-boundary merge(s), response tokenized apart",
+            f"  special     1 row(s) spell a special token in their text, kept (e.g. {path}:9 <|im_end|>)",
+            "  tokens           min    mean     p50     p95     max  (before truncation)",
+            "  prompt             2    10.4       6      33      33",
+            "  chosen             2     4.8       2      14      14",
+            "  rejected           2     2.2       2       3       3",
+        ]
+    )
 
 
 def test_length_stats_by_nearest_rank():
@@ -84,41 +89,54 @@ def test_report_of_a_file_with_known_counts(known_file):
 def test_trainer_logs_the_report_once_when_training_starts(known_file, tmp_path, caplog):
     chatml = build_tokenizer("chatml")
     args = DPOConfig(
-        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
-        use_cpu=True, disable_tqdm=True, on_bad_row="skip", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        on_bad_row="skip",
+        max_length=MAX_LENGTH,
+        max_prompt_length=MAX_PROMPT_LENGTH,
     )
     model = build_model(chatml, hidden_size=16, num_layers=1, num_heads=2)
     trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=str(known_file), processing_class=chatml)
-    with caplog.at_level(logging.INFO, logger="hf_dpo.report"):
+    with caplog.at_level(logging.INFO, logger="hf_dpo.data.report"):
         trainer.train()
         trainer.train()  # a second call does not repeat it
-    records = [r for r in caplog.records if r.name == "hf_dpo.report"]
+    records = [r for r in caplog.records if r.name == "hf_dpo.data.report"]
     # Lines 6 (prompt 33 > 12 tokens) and 8 (14-token answer) are cut: 2 of the 5 kept pairs, over 5%, so a warning too.
     assert [(r.levelno, r.getMessage()) for r in records] == [
         (logging.WARNING, "\n" + expected_report(known_file)),
-        (logging.WARNING, f"train data: truncation touched 2 of 5 pairs (40%) at max_length={MAX_LENGTH}, max_prompt_length="
-         f"{MAX_PROMPT_LENGTH}; the loss sees cut prompts and answers: raise the limits if this is not intended"),
+        (
+            logging.WARNING,
+            f"train data: truncation touched 2 of 5 pairs (40%) at max_length={MAX_LENGTH}, max_prompt_length="
+            f"{MAX_PROMPT_LENGTH}; the loss sees cut prompts and answers: raise the limits if this is not intended",
+        ),
     ]
 
 
 def test_clean_data_is_reported_at_info_level(caplog):
     clean = DataReport(sources=["clean.jsonl"], rows_read=3, rows_kept=3)
-    with caplog.at_level(logging.INFO, logger="hf_dpo.report"):
-        log_data_reports(SimpleNamespace(data_reports={"eval": clean}, eval_dataset=None))
-    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
-        logging.INFO,
-        "\ndata report (eval): clean.jsonl\n"
-        "  rows        3 read, 3 kept, 0 skipped\n"
-        "  skipped     none\n"
-        "  truncated   prompts 0 (oldest tokens dropped), responses 0 (cut from the right)\n"
-        "  merges      0 prompt/response token-boundary merge(s), response tokenized apart",
-    )]
+    with caplog.at_level(logging.INFO, logger="hf_dpo.data.report"):
+        log_data_reports({"eval": (clean, None)})
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (
+            logging.INFO,
+            "\ndata report (eval): clean.jsonl\n"
+            "  rows        3 read, 3 kept, 0 skipped\n"
+            "  skipped     none\n"
+            "  truncated   prompts 0 (oldest tokens dropped), responses 0 (cut from the right)\n"
+            "  merges      0 prompt/response token-boundary merge(s), response tokenized apart",
+        )
+    ]
 
 
 VISIBILITY_SCRIPT = """
 import logging, sys
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
-from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
+from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 if sys.argv[2] == "configured":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="CONFIGURED %(name)s %(levelname)s %(message)s")
 tokenizer = build_tokenizer("chatml")
@@ -140,10 +158,18 @@ def _run_visibility_script(tmp_path, mode, *limits):
     import subprocess
     import sys
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
     done = subprocess.run(
         [sys.executable, "-c", VISIBILITY_SCRIPT, str(tmp_path / mode), mode, *limits],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = done.stderr.split("RUN ")[1:]
@@ -156,17 +182,17 @@ def test_report_is_visible_without_logging_setup_and_warns_on_heavy_truncation(t
     max_length=8 / max_prompt_length=4 cuts every pair, which is a WARNING of its own."""
     clean, cut = _run_visibility_script(tmp_path, "bare", "256,128", "8,4")
     assert clean.count("data report (train): <rows>") == 1
-    assert "[hf_dpo.report] INFO: \ndata report (train): <rows>\n  rows        8 read, 8 kept, 0 skipped" in clean
+    assert "[hf_dpo.data.report] INFO: \ndata report (train): <rows>\n  rows        8 read, 8 kept, 0 skipped" in clean
     assert "truncation touched" not in clean
 
     assert cut.count("data report (train): <rows>") == 1
-    assert "[hf_dpo.report] WARNING: \ndata report (train)" in cut
-    assert "[hf_dpo.report] WARNING: train data: truncation touched all of " in cut
+    assert "[hf_dpo.data.report] WARNING: \ndata report (train)" in cut
+    assert "[hf_dpo.data.report] WARNING: train data: truncation touched all of " in cut
     assert "(100%) at max_length=8, max_prompt_length=4" in cut
 
 
 def test_report_goes_through_configured_logging_only_once(tmp_path):
     (err,) = _run_visibility_script(tmp_path, "configured", "256,128")
     assert err.count("data report (train): <rows>") == 1
-    assert "CONFIGURED hf_dpo.report INFO \ndata report (train): <rows>" in err
-    assert "[hf_dpo.report]" not in err  # our own stderr handler stayed out of it
+    assert "CONFIGURED hf_dpo.data.report INFO \ndata report (train): <rows>" in err
+    assert "[hf_dpo.data.report]" not in err  # our own stderr handler stayed out of it

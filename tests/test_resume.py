@@ -31,7 +31,7 @@ def run_training(output_dir, data_path, resume=False, pause_marker=None):
     from transformers import TrainerCallback
 
     from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    from hf_dpo.demo import build_model, build_tokenizer
+    from hf_dpo.cli.demo import build_model, build_tokenizer
 
     datasets.disable_progress_bars()
     torch.set_num_threads(1)  # the same kernels in the test process and the subprocesses
@@ -44,8 +44,16 @@ def run_training(output_dir, data_path, resume=False, pause_marker=None):
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0)
     args = DPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=MAX_STEPS, save_steps=SAVE_STEPS,
-        logging_steps=1, learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        max_steps=MAX_STEPS,
+        save_steps=SAVE_STEPS,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=str(data_path), processing_class=tokenizer)
     if pause_marker:
@@ -60,12 +68,14 @@ def step_losses(log_history):
 
 def launch(*args):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.Popen([sys.executable, __file__, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, __file__, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 @pytest.fixture(scope="module")
 def data_path(tmp_path_factory):
-    from hf_dpo.demo import make_preference_rows
+    from hf_dpo.cli.demo import make_preference_rows
 
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in make_preference_rows(8, seed=0)))
@@ -99,7 +109,10 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path, data_
     resumed = launch(output_dir, data_path, "--resume")
     out = resumed.communicate(timeout=300)[0].decode()
     assert resumed.returncode == 0, out[-3000:]
-    assert f"not resuming from {partial}, which is incomplete: trainer_state.json is missing; model.safetensors is truncated" in out
+    assert (
+        f"not resuming from {partial}, which is incomplete: trainer_state.json is missing; model.safetensors is truncated"
+        in out
+    )
 
     state = json.loads((output_dir / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
     losses = step_losses(state["log_history"])
@@ -124,7 +137,7 @@ def write_complete_checkpoint(directory):
 
 def test_latest_complete_checkpoint_passes_over_every_kind_of_partial_checkpoint(tmp_path):
     from hf_dpo import DPOConfig
-    from hf_dpo.checkpoints import checkpoint_problems, latest_complete_checkpoint, resolve_resume_checkpoint
+    from hf_dpo.training.checkpoints import checkpoint_problems, latest_complete_checkpoint, resolve_resume_checkpoint
 
     complete = write_complete_checkpoint(tmp_path / "checkpoint-2")
     assert checkpoint_problems(complete) == []
@@ -140,10 +153,14 @@ def test_latest_complete_checkpoint_passes_over_every_kind_of_partial_checkpoint
 
     cases = {
         "trainer_state.json is missing": lambda d: (d / "trainer_state.json").unlink(),
-        "trainer_state.json is unreadable": lambda d: (d / "trainer_state.json").write_text('{"global_step": 3, "log_hi'),
+        "trainer_state.json is unreadable": lambda d: (d / "trainer_state.json").write_text(
+            '{"global_step": 3, "log_hi'
+        ),
         "model.safetensors is truncated (100 of 328 bytes)": truncate("model.safetensors"),
         "model.safetensors is truncated (4 bytes)": lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 4),
-        "model.safetensors has an unreadable header": lambda d: (d / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{x"),
+        "model.safetensors has an unreadable header": lambda d: (d / "model.safetensors").write_bytes(
+            b"\x02" + b"\x00" * 7 + b"{x"
+        ),
         "no model weights": lambda d: (d / "model.safetensors").unlink(),
         "optimizer.pt is truncated or not a torch.save archive": truncate("optimizer.pt"),
         "scheduler.pt is missing": lambda d: (d / "scheduler.pt").unlink(),
@@ -159,7 +176,9 @@ def test_latest_complete_checkpoint_passes_over_every_kind_of_partial_checkpoint
     partial = damaged(99, cases["scheduler.pt is missing"])
     args = DPOConfig(output_dir=str(tmp_path), report_to=[])
     assert resolve_resume_checkpoint(True, args) == str(tmp_path / "checkpoint-2")
-    with pytest.raises(ValueError, match=r"^cannot resume from .*checkpoint-99, which is incomplete: scheduler\.pt is missing$"):
+    with pytest.raises(
+        ValueError, match=r"^cannot resume from .*checkpoint-99, which is incomplete: scheduler\.pt is missing$"
+    ):
         resolve_resume_checkpoint(str(partial), args)
     shutil.rmtree(tmp_path / "checkpoint-2")
     with pytest.raises(ValueError, match=r"^resume_from_checkpoint=True: no complete checkpoint-<step> directory in "):

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-
-from hf_dpo.collator import DPOCollator
-from hf_dpo.demo import build_model, build_tokenizer
-from hf_dpo.packing import PackedDPOCollator, attention_mask_4d
-from hf_dpo.scoring import check_layout_support
-
 from test_packing import FEATURES, assert_equivalent, random_features, sums_and_grads
+
+from hf_dpo.cli.demo import build_model, build_tokenizer
+from hf_dpo.layouts.attention import attention_mask_4d, model_inputs, require_4d_mask_attention
+from hf_dpo.layouts.packed import PackedDPOCollator
+from hf_dpo.layouts.padded import DPOCollator
 
 
 def test_shared_layout_expected_tensors():
@@ -25,12 +24,15 @@ def test_shared_layout_expected_tensors():
     assert batch["chosen_lengths"].tolist() == [2, 1] and batch["rejected_lengths"].tolist() == [1, 2]
 
     mask = attention_mask_4d(batch["segment_ids"], batch["branch_ids"])[0, 0]
-    expected = torch.tensor([
-        [1, 0, 0, 0],  # prompt
-        [1, 1, 0, 0],  # chosen
-        [1, 1, 1, 0],  # chosen
-        [1, 0, 0, 1],  # rejected: the prompt and itself, never the chosen tokens
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0],  # prompt
+            [1, 1, 0, 0],  # chosen
+            [1, 1, 1, 0],  # chosen
+            [1, 0, 0, 1],  # rejected: the prompt and itself, never the chosen tokens
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
 
 
@@ -76,23 +78,30 @@ def test_differing_prompts_are_refused():
 def test_attention_without_4d_masks_is_refused():
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer)
-    check_layout_support(model, share_prompt=True)  # sdpa: fine
+    require_4d_mask_attention(model)  # sdpa: fine
     model.config._attn_implementation = "flash_attention_2"
-    check_layout_support(model, share_prompt=False)  # padding-free alone works from position_ids
+    # Padding-free alone works from position_ids: no mask is passed, and nothing is refused.
+    packed = PackedDPOCollator(0, padding_free=True)(FEATURES)
+    assert set(model_inputs(model, packed)) == {"input_ids", "position_ids"}
     with pytest.raises(ValueError, match="--share_prompt needs attention that takes a custom 4D mask"):
-        check_layout_support(model, share_prompt=True)
+        require_4d_mask_attention(model)
 
 
 def test_trainer_losses_equal_across_layouts(tmp_path):
     """One batch through compute_loss: plain, padding-free, shared prompt and both give the same loss and gradients."""
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
     import datasets
+
+    from hf_dpo import DPOConfig, NormalizedDPOTrainer
 
     tokenizer = build_tokenizer("chatml")
     dataset = datasets.Dataset.from_list([dict(f, row_id=i) for i, f in enumerate(random_features(3, seed=2))])
     results = {}
-    for name, options in {"plain": {}, "padding_free": {"padding_free": True}, "share_prompt": {"share_prompt": True},
-                          "both": {"padding_free": True, "share_prompt": True}}.items():
+    for name, options in {
+        "plain": {},
+        "padding_free": {"padding_free": True},
+        "share_prompt": {"share_prompt": True},
+        "both": {"padding_free": True, "share_prompt": True},
+    }.items():
         model = build_model(tokenizer, hidden_size=32, seed=3)
         ref_model = build_model(tokenizer, hidden_size=32, seed=4)  # differs from the policy: a loss away from ln 2
         args = DPOConfig(output_dir=str(tmp_path / name), report_to=[], per_device_train_batch_size=3, **options)
@@ -119,6 +128,8 @@ def test_layouts_with_flex_attention_equal_padded_fp32():
     with torch.no_grad():
         want, want_counts = score_batch(model, DPOCollator(tokenizer.pad_token_id)(features))
         model.set_attn_implementation("flex_attention")
-        got, counts = score_batch(model, PackedDPOCollator(tokenizer.pad_token_id, padding_free=True, share_prompt=True)(features))
+        got, counts = score_batch(
+            model, PackedDPOCollator(tokenizer.pad_token_id, padding_free=True, share_prompt=True)(features)
+        )
     assert torch.equal(counts, want_counts)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

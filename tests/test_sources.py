@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from hf_dpo.data import data_report, load_preference_dataset
-from hf_dpo.sources import source_kind
+from hf_dpo.data.sources import source_kind
 
 datasets.disable_progress_bars()
 
@@ -41,9 +41,18 @@ def test_hub_name_reaches_load_dataset_with_every_option(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     ds = load_preference_dataset(
-        "trl-lib/ultrafeedback_binarized", split="test", name="default", data_files={"test": "data/test-*.parquet"}, revision="v1.0"
+        "trl-lib/ultrafeedback_binarized",
+        split="test",
+        name="default",
+        data_files={"test": "data/test-*.parquet"},
+        revision="v1.0",
     )
-    assert calls == [("trl-lib/ultrafeedback_binarized", {"split": "test", "name": "default", "data_files": {"test": "data/test-*.parquet"}, "revision": "v1.0"})]
+    assert calls == [
+        (
+            "trl-lib/ultrafeedback_binarized",
+            {"split": "test", "name": "default", "data_files": {"test": "data/test-*.parquet"}, "revision": "v1.0"},
+        )
+    ]
     assert answers(ds) == ["yes 0", "yes 1"] and list(ds["row_id"]) == [0, 1]
     assert data_report(ds).sources == ["trl-lib/ultrafeedback_binarized:test"]
     calls.clear()
@@ -55,7 +64,12 @@ def test_save_to_disk_folders(tmp_path):
     datasets.Dataset.from_list([pair(0), pair(1)]).save_to_disk(str(tmp_path / "one"))
     ds = load_preference_dataset(str(tmp_path / "one"))
     assert answers(ds) == ["yes 0", "yes 1"] and list(ds["row_id"]) == [0, 1]
-    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list([pair(0)]), "test": datasets.Dataset.from_list([pair(5, "strings"), pair(6, "strings")])})
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([pair(0)]),
+            "test": datasets.Dataset.from_list([pair(5, "strings"), pair(6, "strings")]),
+        }
+    )
     splits.save_to_disk(str(tmp_path / "dict"))
     assert answers(load_preference_dataset(str(tmp_path / "dict"))) == ["yes 0"]
     test = load_preference_dataset(str(tmp_path / "dict"), split="test")
@@ -68,7 +82,9 @@ def test_parquet_and_json_folders_in_the_hub_layout(tmp_path):
     """data/<split>-00000-of-00001.parquet, as the hub stores data sets; a JSON Lines variant; one parquet file."""
     parquet = tmp_path / "parquet"
     (parquet / "data").mkdir(parents=True)
-    datasets.Dataset.from_list([pair(0), pair(1), pair(2)]).to_parquet(str(parquet / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_list([pair(0), pair(1), pair(2)]).to_parquet(
+        str(parquet / "data" / "train-00000-of-00001.parquet")
+    )
     datasets.Dataset.from_list([pair(7)]).to_parquet(str(parquet / "data" / "test-00000-of-00001.parquet"))
     (parquet / "README.md").write_text("a data set card\n")
     assert source_kind(str(parquet)) == "local_dataset"
@@ -79,7 +95,9 @@ def test_parquet_and_json_folders_in_the_hub_layout(tmp_path):
 
     jsonl = tmp_path / "jsonl"
     (jsonl / "data").mkdir(parents=True)
-    datasets.Dataset.from_list([pair(3, "strings"), pair(4, "strings")]).to_json(str(jsonl / "data" / "train-00000-of-00001.jsonl"))
+    datasets.Dataset.from_list([pair(3, "strings"), pair(4, "strings")]).to_json(
+        str(jsonl / "data" / "train-00000-of-00001.jsonl")
+    )
     assert answers(load_preference_dataset(str(jsonl))) == [" yes 3", " yes 4"]
 
     single = load_preference_dataset(str(parquet / "data" / "test-00000-of-00001.parquet"))
@@ -97,7 +115,15 @@ def test_existing_local_path_wins_and_missing_paths_name_themselves(monkeypatch,
     (tmp_path / "org" / "name" / "prefs.jsonl").write_text(json.dumps(pair(0)) + "\n" + json.dumps(pair(1)) + "\n")
     local = load_preference_dataset("org/name")  # spelled like a hub id, but it exists here
     assert answers(local) == ["yes 0", "yes 1"] and list(local["row_id"]) == [1, 2]
-    for missing in ("missing.jsonl", "org/missing.json", "data.parquet", "./data", "../elsewhere", "/no/such/folder", "a/b/c"):
+    for missing in (
+        "missing.jsonl",
+        "org/missing.json",
+        "data.parquet",
+        "./data",
+        "../elsewhere",
+        "/no/such/folder",
+        "a/b/c",
+    ):
         with pytest.raises(FileNotFoundError, match=f"preference data not found: {missing} "):
             load_preference_dataset(missing)
     with pytest.raises(ValueError, match=r"org/name: data_files, revision apply to hub names and data set folders"):

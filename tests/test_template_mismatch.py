@@ -2,13 +2,16 @@
 
 import pytest
 
+from hf_dpo.cli.demo import build_tokenizer
 from hf_dpo.data import DataError, load_preference_dataset
-from hf_dpo.demo import build_tokenizer
-from hf_dpo.rows import validate_row
+from hf_dpo.data.rows import validate_row
 from hf_dpo.tokenization import tokenize_dataset, tokenize_row
 
-ROW = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "cold."}],
-       "rejected": [{"role": "assistant", "content": "hot."}]}
+ROW = {
+    "prompt": [{"role": "user", "content": "hi"}],
+    "chosen": [{"role": "assistant", "content": "cold."}],
+    "rejected": [{"role": "assistant", "content": "hot."}],
+}
 # Upper-cases the final answer only: the answer as written never appears, so nothing can be scored faithfully.
 SHOUTING = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
@@ -27,7 +30,9 @@ def test_template_that_rewrites_the_answer_is_refused_with_what_it_did(tmp_path)
     path = tmp_path / "pairs.jsonl"
     import json
 
-    path.write_text(json.dumps(ROW) + "\n" + json.dumps({**ROW, "rejected": [{"role": "assistant", "content": "warm."}]}) + "\n")
+    path.write_text(
+        json.dumps(ROW) + "\n" + json.dumps({**ROW, "rejected": [{"role": "assistant", "content": "warm."}]}) + "\n"
+    )
     with pytest.raises(DataError, match=r"pairs.jsonl:1: .*template"):
         tokenize_dataset(load_preference_dataset(str(path)), tokenizer)
     with pytest.raises(DataError, match="template_mismatch"):

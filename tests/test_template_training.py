@@ -11,25 +11,41 @@ import math
 
 import pytest
 import torch
+from real_templates import NAMES, SKIP_REASON, build_template_tokenizer
 
 from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer
-from hf_dpo.demo import build_model
-
-from real_templates import NAMES, SKIP_REASON, build_template_tokenizer
+from hf_dpo.cli.demo import build_model
 
 pytestmark = pytest.mark.skipif(not NAMES, reason=SKIP_REASON)
 
 ROWS = [
-    {"prompt": [{"role": "user", "content": "What is the opposite of hot?"}],
-     "chosen": [{"role": "assistant", "content": "Cold."}], "rejected": [{"role": "assistant", "content": "Warm."}]},
-    {"prompt": [{"role": "system", "content": "You answer with one word."}, {"role": "user", "content": "Opposite of big?"}],
-     "chosen": [{"role": "assistant", "content": "Small."}], "rejected": [{"role": "assistant", "content": "Large."}]},
-    {"prompt": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! Ask me for the opposite of any word."},
-                {"role": "user", "content": "Opposite of up?"}],
-     "chosen": [{"role": "assistant", "content": "<think>\nUp points high.\n</think>\n\nDown."}],
-     "rejected": [{"role": "assistant", "content": "Left."}]},
-    {"prompt": [{"role": "user", "content": "你好"}],
-     "chosen": [{"role": "assistant", "content": "你好，世界"}], "rejected": [{"role": "assistant", "content": "世界你好"}]},
+    {
+        "prompt": [{"role": "user", "content": "What is the opposite of hot?"}],
+        "chosen": [{"role": "assistant", "content": "Cold."}],
+        "rejected": [{"role": "assistant", "content": "Warm."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "You answer with one word."},
+            {"role": "user", "content": "Opposite of big?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Small."}],
+        "rejected": [{"role": "assistant", "content": "Large."}],
+    },
+    {
+        "prompt": [
+            {"role": "user", "content": "Hi!"},
+            {"role": "assistant", "content": "Hello! Ask me for the opposite of any word."},
+            {"role": "user", "content": "Opposite of up?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "<think>\nUp points high.\n</think>\n\nDown."}],
+        "rejected": [{"role": "assistant", "content": "Left."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "你好"}],
+        "chosen": [{"role": "assistant", "content": "你好，世界"}],
+        "rejected": [{"role": "assistant", "content": "世界你好"}],
+    },
 ]
 
 
@@ -39,17 +55,31 @@ def test_each_template_trains_in_both_modes(name, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS))
     # Padding is not under test here; a tokenizer without a pad token pads with EOS (masks are positional).
-    collator = DPOCollator(pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    collator = DPOCollator(
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     scored = {}
     for mode in ("last", "all"):
         model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         args = DPOConfig(
-            output_dir=str(tmp_path / mode), report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-            max_length=256, max_prompt_length=192, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
-            logging_steps=1, completion_turns=mode, seed=0,
+            output_dir=str(tmp_path / mode),
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            max_length=256,
+            max_prompt_length=192,
+            per_device_train_batch_size=4,
+            max_steps=2,
+            learning_rate=1e-2,
+            logging_steps=1,
+            completion_turns=mode,
+            seed=0,
         )
-        trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=str(path), processing_class=tokenizer, data_collator=collator)
+        trainer = NormalizedDPOTrainer(
+            model=model, args=args, train_dataset=str(path), processing_class=tokenizer, data_collator=collator
+        )
         assert len(trainer.train_dataset) == len(ROWS)
         scored[mode] = sum(sum(m) for m in trainer.train_dataset["chosen_response_mask"])
         trainer.train()

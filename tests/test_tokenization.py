@@ -8,9 +8,9 @@ pieces), and the mask is 0 on the prompt pieces and 1 on the response pieces.
 
 import pytest
 
-from hf_dpo.collator import DPOCollator
+from hf_dpo.cli.demo import build_tokenizer
 from hf_dpo.data import DataError, load_preference_dataset, validate_row
-from hf_dpo.demo import build_tokenizer
+from hf_dpo.layouts.padded import DPOCollator
 from hf_dpo.tokenization import tokenize_dataset, tokenize_row
 
 QUESTION = "What is the opposite of hot?"
@@ -41,7 +41,9 @@ def prompt_pieces(template, turns):
 
 def response_pieces(template, answer):
     """The rendered final answer including the template's end-of-turn tokens."""
-    return {"chatml": [answer, "<|im_end|>", "\n"], "llama3": [answer, "<|eot_id|>"], "bos": [f" {answer}", "</s>"]}[template]
+    return {"chatml": [answer, "<|im_end|>", "\n"], "llama3": [answer, "<|eot_id|>"], "bos": [f" {answer}", "</s>"]}[
+        template
+    ]
 
 
 def ids_of(tokenizer, pieces):
@@ -97,7 +99,10 @@ def test_mask_token_by_token(tokenizers, template):
     out = tokenize_row(validate_row(minimind_row()), tokenizer)
     prompt_ids = ids_of(tokenizer, prompt_pieces(template, [("user", QUESTION)]))
     assert out["prompt_length"] == len(prompt_ids) and out["skip_reason"] == "" and out["boundary_merges"] == 0
-    for side, answer, decoded in (("chosen", CHOSEN, DECODED_RESPONSE[template][0]), ("rejected", REJECTED, DECODED_RESPONSE[template][1])):
+    for side, answer, decoded in (
+        ("chosen", CHOSEN, DECODED_RESPONSE[template][0]),
+        ("rejected", REJECTED, DECODED_RESPONSE[template][1]),
+    ):
         response_ids = ids_of(tokenizer, response_pieces(template, answer))
         assert out[f"{side}_input_ids"] == prompt_ids + response_ids
         assert out[f"{side}_response_mask"] == [0] * len(prompt_ids) + [1] * len(response_ids)
@@ -105,7 +110,11 @@ def test_mask_token_by_token(tokenizers, template):
         assert tokenizer.decode(scored) == decoded
         assert out[f"{side}_tokens"] == len(response_ids)
     # Both sides share the exact same prompt tokens.
-    assert out["chosen_input_ids"][: out["prompt_length"]] == out["rejected_input_ids"][: out["prompt_length"]] == prompt_ids
+    assert (
+        out["chosen_input_ids"][: out["prompt_length"]]
+        == out["rejected_input_ids"][: out["prompt_length"]]
+        == prompt_ids
+    )
 
 
 def test_pad_equals_eos_template_scores_the_eos(tokenizers):
@@ -140,12 +149,19 @@ def test_multi_turn_completion_turns(tokenizers, template):
     every = tokenize_row(row, tokenizer, completion_turns="all")
     assert masked_runs(tokenizer, last["chosen_input_ids"], last["chosen_response_mask"]) == [final]
     assert masked_runs(tokenizer, every["chosen_input_ids"], every["chosen_response_mask"]) == [earlier, final]
-    assert masked_runs(tokenizer, every["rejected_input_ids"], every["rejected_response_mask"]) == [earlier, final.replace("cold", "hot")]
+    assert masked_runs(tokenizer, every["rejected_input_ids"], every["rejected_response_mask"]) == [
+        earlier,
+        final.replace("cold", "hot"),
+    ]
     # Same tokens either way; only the mask differs, and only inside the prompt.
     assert every["chosen_input_ids"] == last["chosen_input_ids"]
-    expected_prompt = ids_of(tokenizer, prompt_pieces(template, [("user", HISTORY_USER), ("assistant", HISTORY_ANSWER), ("user", QUESTION)]))
+    expected_prompt = ids_of(
+        tokenizer, prompt_pieces(template, [("user", HISTORY_USER), ("assistant", HISTORY_ANSWER), ("user", QUESTION)])
+    )
     assert last["chosen_input_ids"][: last["prompt_length"]] == expected_prompt
-    assert every["chosen_response_mask"][every["prompt_length"] :] == last["chosen_response_mask"][last["prompt_length"] :]
+    assert (
+        every["chosen_response_mask"][every["prompt_length"] :] == last["chosen_response_mask"][last["prompt_length"] :]
+    )
 
 
 def test_completion_turns_all_mask_follows_prompt_truncation(tokenizers):
@@ -157,7 +173,10 @@ def test_completion_turns_all_mask_follows_prompt_truncation(tokenizers):
     cut = tokenize_row(row, tokenizer, max_length=200, max_prompt_length=20, completion_turns="all")
     p, head = full["prompt_length"], len(ids_of(tokenizer, ["<|im_start|>", "user\n"]))
     assert head == 3 and cut["prompt_length"] == 20
-    assert cut["chosen_response_mask"][:20] == full["chosen_response_mask"][:head] + full["chosen_response_mask"][p - 17 : p]
+    assert (
+        cut["chosen_response_mask"][:20]
+        == full["chosen_response_mask"][:head] + full["chosen_response_mask"][p - 17 : p]
+    )
     assert cut["chosen_input_ids"] == full["chosen_input_ids"][:head] + full["chosen_input_ids"][p - 17 :]
 
 
@@ -184,7 +203,9 @@ def test_cjk_boundary_merge(tokenizers, tmp_path):
     assert out["chosen_input_ids"] == prompt_ids + enc("好。") + [eos]
     assert out["rejected_input_ids"] == prompt_ids + enc("坏。") + [eos]
     for side, text in (("chosen", "好。<|im_end|>"), ("rejected", "坏。<|im_end|>")):
-        assert out[f"{side}_response_mask"] == [0] * len(prompt_ids) + [1] * (len(out[f"{side}_input_ids"]) - len(prompt_ids))
+        assert out[f"{side}_response_mask"] == [0] * len(prompt_ids) + [1] * (
+            len(out[f"{side}_input_ids"]) - len(prompt_ids)
+        )
         assert masked_runs(tokenizer, out[f"{side}_input_ids"], out[f"{side}_response_mask"]) == [text]
         assert tokenizer.decode(out[f"{side}_input_ids"][: out["prompt_length"]]) == "请回答：你"
 
@@ -215,8 +236,17 @@ def test_truncation_keeps_last_prompt_tokens_and_cuts_responses_right(tokenizers
     # Lengths before truncation are kept for the report.
     assert out["chosen_tokens"] == len(chosen_ids)
     # A budget that fits everything truncates nothing.
-    whole = tokenize_row(validate_row(minimind_row()), tokenizer, max_length=len(prompt_ids) + len(chosen_ids), max_prompt_length=len(prompt_ids))
-    assert whole["chosen_input_ids"] == prompt_ids + chosen_ids and whole["responses_truncated"] == 0 and not whole["prompt_truncated"]
+    whole = tokenize_row(
+        validate_row(minimind_row()),
+        tokenizer,
+        max_length=len(prompt_ids) + len(chosen_ids),
+        max_prompt_length=len(prompt_ids),
+    )
+    assert (
+        whole["chosen_input_ids"] == prompt_ids + chosen_ids
+        and whole["responses_truncated"] == 0
+        and not whole["prompt_truncated"]
+    )
 
 
 def test_pair_with_response_truncated_away_is_skipped_and_counted(tokenizers):
@@ -233,7 +263,9 @@ def test_pair_with_response_truncated_away_is_skipped_and_counted(tokenizers):
 
     tokenized, report = tokenize_dataset(load_preference_dataset(rows), tokenizer, max_length=max_length)
     assert tokenized["row_id"] == [0]
-    assert report.skipped["response_truncated_away"] == 1 and report.skip_examples["response_truncated_away"] == ["<rows>:1"]
+    assert report.skipped["response_truncated_away"] == 1 and report.skip_examples["response_truncated_away"] == [
+        "<rows>:1"
+    ]
     assert report.counters["pairs_tokenized"] == 1 and report.counters["responses_truncated"] == 2
     assert "skip_reason" not in tokenized.column_names
 
@@ -243,7 +275,9 @@ def test_pair_with_response_truncated_away_is_skipped_and_counted(tokenizers):
 
 def test_tokenize_dataset_columns_and_prompt_sharing(tokenizers):
     tokenizer = tokenizers["llama3"]
-    tokenized, report = tokenize_dataset(load_preference_dataset([minimind_row(), minimind_row(history=True)]), tokenizer)
+    tokenized, report = tokenize_dataset(
+        load_preference_dataset([minimind_row(), minimind_row(history=True)]), tokenizer
+    )
     assert set(tokenized.column_names) == {
         "row_id",
         "chosen_input_ids",

@@ -24,8 +24,8 @@ from torch.utils.data import SequentialSampler
 from transformers import TrainingArguments
 
 from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
-from hf_dpo.demo import build_model, build_tokenizer, make_preference_rows
-from hf_dpo.reference import reference_logp_sums, resolve_reference_mode
+from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
+from hf_dpo.reference.modes import reference_logp_sums, resolve_reference_mode
 
 LN2 = math.log(2.0)
 METRIC_KEYS = (
@@ -104,7 +104,8 @@ def rows():
     answers = {row["chosen"][-1]["content"] for row in train}
     prompts = {row["chosen"][-2]["content"] for row in train}
     held_out = [
-        row for row in pool[48:]
+        row
+        for row in pool[48:]
         if row["chosen"][-1]["content"] in answers and row["chosen"][-2]["content"] not in prompts
     ][:32]
     assert len(held_out) == 32
@@ -116,8 +117,12 @@ def trained(tokenizer, rows, tmp_path_factory):
     """One 20-step run (lr 3e-3, batch 8, log every 5 steps plus the first), evaluated before and after."""
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     initial = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    args = make_args(tmp_path_factory.mktemp("trained"), learning_rate=3e-3, max_steps=20, logging_steps=5, logging_first_step=True)
-    trainer = SequentialTrainer(model=model, args=args, train_dataset=rows["train"], eval_dataset=rows["eval"], processing_class=tokenizer)
+    args = make_args(
+        tmp_path_factory.mktemp("trained"), learning_rate=3e-3, max_steps=20, logging_steps=5, logging_first_step=True
+    )
+    trainer = SequentialTrainer(
+        model=model, args=args, train_dataset=rows["train"], eval_dataset=rows["eval"], processing_class=tokenizer
+    )
     first_batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         step0 = trainer.pair_losses(trainer.model, first_batch)
@@ -127,7 +132,15 @@ def trained(tokenizer, rows, tmp_path_factory):
     n_before = len(trainer.recorded)
     trainer.train()
     after = trainer.evaluate()
-    return dict(trainer=trainer, initial=initial, step0=step0, step0_loss=step0_loss, before=before, after=after, n_before=n_before)
+    return dict(
+        trainer=trainer,
+        initial=initial,
+        step0=step0,
+        step0_loss=step0_loss,
+        before=before,
+        after=after,
+        n_before=n_before,
+    )
 
 
 # ---------------------------------------------------------------- step 0
@@ -239,7 +252,9 @@ def test_peft_trains_only_the_adapter_against_the_disabled_base(tokenizer, rows,
     base_copy = copy.deepcopy(base)  # an independent reference: the same weights, never wrapped
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     args = make_args(tmp_path, learning_rate=1e-2, max_steps=3)
-    trainer = SequentialTrainer(model=base, args=args, train_dataset=rows["train"], processing_class=tokenizer, peft_config=lora)
+    trainer = SequentialTrainer(
+        model=base, args=args, train_dataset=rows["train"], processing_class=tokenizer, peft_config=lora
+    )
     assert trainer.reference_mode == "adapter"
     assert trainer.ref_model is None
 
@@ -274,7 +289,9 @@ def test_adapter_reference_runs_without_dropout_when_the_policy_keeps_it(tokeniz
     base_copy = copy.deepcopy(base).eval()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     args = make_args(tmp_path, disable_dropout=False)
-    trainer = NormalizedDPOTrainer(model=base, args=args, train_dataset=rows["train"][:8], processing_class=tokenizer, peft_config=lora)
+    trainer = NormalizedDPOTrainer(
+        model=base, args=args, train_dataset=rows["train"][:8], processing_class=tokenizer, peft_config=lora
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     policy = trainer.model.train()
     with torch.no_grad():
@@ -290,7 +307,7 @@ def test_adapter_reference_runs_without_dropout_when_the_policy_keeps_it(tokeniz
 
 
 def test_disable_dropout_zeroes_modules_and_float_rates():
-    from hf_dpo.reference import disable_dropout
+    from hf_dpo.common.models import disable_dropout
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -302,7 +319,12 @@ def test_disable_dropout_zeroes_modules_and_float_rates():
     block = torch.nn.Sequential(Block(), torch.nn.Dropout(0.6))
     disable_dropout(block)
     inner = block[0]
-    assert (inner.attention_dropout, inner.hidden_dropout, inner.activation_dropout, inner.dropout) == (0.0, 0.0, 0.0, 0.0)
+    assert (inner.attention_dropout, inner.hidden_dropout, inner.activation_dropout, inner.dropout) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    )
     assert inner.scale == 0.5
     assert inner.drop.p == inner.drop2d.p == block[1].p == 0.0
 
@@ -322,8 +344,14 @@ def test_accumulation_matches_the_full_batch_update(tokenizer, rows, tmp_path):
         model = build_model(tokenizer, hidden_size=32, num_layers=2)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
         args = make_args(
-            tmp_path / f"b{batch_size}", optim="sgd", learning_rate=lr, max_grad_norm=0.0, weight_decay=0.0,
-            per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
+            tmp_path / f"b{batch_size}",
+            optim="sgd",
+            learning_rate=lr,
+            max_grad_norm=0.0,
+            weight_decay=0.0,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
         )
         trainer = SequentialTrainer(model=model, args=args, train_dataset=rows["train"][:8], processing_class=tokenizer)
         trainer.train()
@@ -332,7 +360,12 @@ def test_accumulation_matches_the_full_batch_update(tokenizer, rows, tmp_path):
 
     # The expected update from a hand-made full batch of the same 4 pairs.
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
-    trainer = SequentialTrainer(model=model, args=make_args(tmp_path / "manual", per_device_train_batch_size=4), train_dataset=rows["train"][:8], processing_class=tokenizer)
+    trainer = SequentialTrainer(
+        model=model,
+        args=make_args(tmp_path / "manual", per_device_train_batch_size=4),
+        train_dataset=rows["train"][:8],
+        processing_class=tokenizer,
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()
     losses, _ = trainer.pair_losses(model, batch)
@@ -354,17 +387,19 @@ def test_reference_mode_resolution(tokenizer, tmp_path):
 
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     ref = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
-    peft_model = get_peft_model(build_model(tokenizer, hidden_size=32, num_layers=2), LoraConfig(r=2, target_modules=["q_proj"]))
-    assert resolve_reference_mode(model, ref, "auto", "sigmoid") == "model"
-    assert resolve_reference_mode(model, None, "auto", "sigmoid") == "model"
-    assert resolve_reference_mode(peft_model, None, "auto", "sigmoid") == "adapter"
-    assert resolve_reference_mode(peft_model, ref, "auto", "sigmoid") == "model"  # an explicit ref_model wins
-    assert resolve_reference_mode(model, None, "auto", "simpo") == "none"
-    assert resolve_reference_mode(peft_model, None, "auto", "simpo") == "none"
+    peft_model = get_peft_model(
+        build_model(tokenizer, hidden_size=32, num_layers=2), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    assert resolve_reference_mode(model, ref, "auto", True) == "model"
+    assert resolve_reference_mode(model, None, "auto", True) == "model"
+    assert resolve_reference_mode(peft_model, None, "auto", True) == "adapter"
+    assert resolve_reference_mode(peft_model, ref, "auto", True) == "model"  # an explicit ref_model wins
+    assert resolve_reference_mode(model, None, "auto", False) == "none"
+    assert resolve_reference_mode(peft_model, None, "auto", False) == "none"
     with pytest.raises(ValueError, match="needs a PEFT model"):
-        resolve_reference_mode(model, None, "adapter", "sigmoid")
+        resolve_reference_mode(model, None, "adapter", True)
     with pytest.raises(ValueError, match="needs a reference"):
-        resolve_reference_mode(model, None, "none", "sigmoid")
+        resolve_reference_mode(model, None, "none", True)
     with pytest.raises(ValueError, match="needs a reference"):
         DPOConfig(output_dir=str(tmp_path), reference="none", loss_type="sigmoid")
 
@@ -372,21 +407,30 @@ def test_reference_mode_resolution(tokenizer, tmp_path):
 def test_trainer_reference_modes(tokenizer, rows, tmp_path):
     train = rows["train"][:8]
     # An explicit ref_model is used as is, frozen.
-    model, ref = build_model(tokenizer, hidden_size=32, num_layers=2), build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
+    model, ref = (
+        build_model(tokenizer, hidden_size=32, num_layers=2),
+        build_model(tokenizer, hidden_size=32, num_layers=2, seed=1),
+    )
     ref.train()
-    trainer = NormalizedDPOTrainer(model=model, ref_model=ref, args=make_args(tmp_path), train_dataset=train, processing_class=tokenizer)
+    trainer = NormalizedDPOTrainer(
+        model=model, ref_model=ref, args=make_args(tmp_path), train_dataset=train, processing_class=tokenizer
+    )
     assert trainer.reference_mode == "model"
     assert trainer.accelerator.unwrap_model(trainer.ref_model) is ref
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
     # Without one: a frozen copy of the initial policy, not the policy itself.
-    trainer = NormalizedDPOTrainer(model=model, args=make_args(tmp_path), train_dataset=train, processing_class=tokenizer)
+    trainer = NormalizedDPOTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=train, processing_class=tokenizer
+    )
     copy_ = trainer.accelerator.unwrap_model(trainer.ref_model)
     assert copy_ is not model and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(copy_.state_dict().values(), model.state_dict().values()))
     assert {a.data_ptr() for a in copy_.parameters()}.isdisjoint({b.data_ptr() for b in model.parameters()})
     # "adapter" without an adapter is refused with a message naming the fix.
     with pytest.raises(ValueError, match="reference='adapter' needs a PEFT model"):
-        NormalizedDPOTrainer(model=model, args=make_args(tmp_path, reference="adapter"), train_dataset=train, processing_class=tokenizer)
+        NormalizedDPOTrainer(
+            model=model, args=make_args(tmp_path, reference="adapter"), train_dataset=train, processing_class=tokenizer
+        )
 
 
 def test_simpo_trains_without_a_reference(tokenizer, rows, tmp_path):
@@ -416,9 +460,19 @@ def test_simpo_trains_without_a_reference(tokenizer, rows, tmp_path):
 
 def test_plain_training_arguments_are_converted(tokenizer, rows, tmp_path):
     args = TrainingArguments(
-        output_dir=str(tmp_path), learning_rate=1e-3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=1, seed=7, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        remove_unused_columns=True, max_grad_norm=0.5, lr_scheduler_type="cosine",
+        output_dir=str(tmp_path),
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        seed=7,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=True,
+        max_grad_norm=0.5,
+        lr_scheduler_type="cosine",
     )
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=rows["train"][:8], processing_class=tokenizer)
@@ -427,7 +481,15 @@ def test_plain_training_arguments_are_converted(tokenizer, rows, tmp_path):
     # DPO defaults filled in; the collator's columns survive although the user asked to remove unused ones.
     assert converted.beta == 2.0 and converted.length_normalize and converted.loss_type == "sigmoid"
     assert converted.remove_unused_columns is False
-    for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "seed", "max_grad_norm", "output_dir"):
+    for name in (
+        "learning_rate",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "seed",
+        "max_grad_norm",
+        "output_dir",
+    ):
         assert getattr(converted, name) == getattr(args, name), name
     assert converted.lr_scheduler_type == args.lr_scheduler_type
     result = trainer.train()
@@ -455,15 +517,24 @@ def test_raw_canonical_and_tokenized_data_sets_are_accepted(tokenizer, rows, tmp
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     ids = {}
     for name, data in forms.items():
-        trainer = NormalizedDPOTrainer(model=model, args=make_args(tmp_path), train_dataset=data, processing_class=tokenizer)
+        trainer = NormalizedDPOTrainer(
+            model=model, args=make_args(tmp_path), train_dataset=data, processing_class=tokenizer
+        )
         ds = trainer.train_dataset
-        ids[name] = (ds["chosen_input_ids"], ds["chosen_response_mask"], ds["rejected_input_ids"], ds["rejected_response_mask"])
+        ids[name] = (
+            ds["chosen_input_ids"],
+            ds["chosen_response_mask"],
+            ds["rejected_input_ids"],
+            ds["rejected_response_mask"],
+        )
     assert len(ids["rows"][0]) == 6
     for name, value in ids.items():
         assert value == ids["rows"], name
     # Tokenized pairs need no tokenizer when a collator is given; raw rows do.
     collator = DPOCollator(pad_token_id=tokenizer.pad_token_id)
-    trainer = NormalizedDPOTrainer(model=model, args=make_args(tmp_path), train_dataset=tokenized, data_collator=collator)
+    trainer = NormalizedDPOTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=tokenized, data_collator=collator
+    )
     assert trainer.train_dataset is tokenized
     with pytest.raises(ValueError, match="tokenizer"):
         NormalizedDPOTrainer(model=model, args=make_args(tmp_path), train_dataset=train, data_collator=collator)
@@ -472,11 +543,24 @@ def test_raw_canonical_and_tokenized_data_sets_are_accepted(tokenizer, rows, tmp
 def test_string_layout_rows_train(tokenizer, tmp_path):
     """``{"prompt": str, "chosen": str, "rejected": str}``: raw concatenation, EOS appended to each response."""
     rows = [
-        {"prompt": "What is the opposite of hot?", "chosen": " The opposite of hot is cold.", "rejected": " The opposite of hot is hot."},
-        {"prompt": "What is the opposite of big?", "chosen": " The opposite of big is small.", "rejected": " The opposite of big is big."},
+        {
+            "prompt": "What is the opposite of hot?",
+            "chosen": " The opposite of hot is cold.",
+            "rejected": " The opposite of hot is hot.",
+        },
+        {
+            "prompt": "What is the opposite of big?",
+            "chosen": " The opposite of big is small.",
+            "rejected": " The opposite of big is big.",
+        },
     ]
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
-    trainer = NormalizedDPOTrainer(model=model, args=make_args(tmp_path, per_device_train_batch_size=2), train_dataset=rows, processing_class=tokenizer)
+    trainer = NormalizedDPOTrainer(
+        model=model,
+        args=make_args(tmp_path, per_device_train_batch_size=2),
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
     first = trainer.train_dataset[0]
     prompt_ids = tokenizer(rows[0]["prompt"], add_special_tokens=False)["input_ids"]
     assert first["chosen_input_ids"][: len(prompt_ids)] == prompt_ids
@@ -496,7 +580,9 @@ def test_eval_metrics_weight_every_pair_equally(tokenizer, rows, tmp_path):
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     ref = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
     args = make_args(tmp_path, per_device_eval_batch_size=8, length_normalize=False)
-    trainer = SequentialTrainer(model=model, ref_model=ref, args=args, eval_dataset=rows["eval"][:12], processing_class=tokenizer)
+    trainer = SequentialTrainer(
+        model=model, ref_model=ref, args=args, eval_dataset=rows["eval"][:12], processing_class=tokenizer
+    )
     result = trainer.evaluate()
 
     batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(12)])
@@ -545,7 +631,10 @@ def test_eval_metrics_follow_the_metric_key_prefix(tokenizer, rows, tmp_path):
     both = trainer.evaluate()
     for name in sets:
         for key in (*METRIC_KEYS, "loss"):
-            assert both[f"eval_{name}_{key}"] == pytest.approx(alone[name][f"{name}_{key}"], rel=1e-6, abs=1e-7), (name, key)
+            assert both[f"eval_{name}_{key}"] == pytest.approx(alone[name][f"{name}_{key}"], rel=1e-6, abs=1e-7), (
+                name,
+                key,
+            )
     assert not set(METRIC_KEYS) & set(both)
     assert not {f"eval_{key}" for key in METRIC_KEYS} & set(both)
     # Raw rows handed to evaluate() are prepared like the constructor's.
@@ -558,7 +647,9 @@ def test_predict_does_not_leak_into_the_next_evaluation(tokenizer, rows, tmp_pat
     model = build_model(tokenizer, hidden_size=32, num_layers=2)
     ref = build_model(tokenizer, hidden_size=32, num_layers=2, seed=1)
     args = make_args(tmp_path, per_device_eval_batch_size=8)
-    trainer = NormalizedDPOTrainer(model=model, ref_model=ref, args=args, eval_dataset=rows["eval"][:8], processing_class=tokenizer)
+    trainer = NormalizedDPOTrainer(
+        model=model, ref_model=ref, args=args, eval_dataset=rows["eval"][:8], processing_class=tokenizer
+    )
     clean = trainer.evaluate()
     trainer.predict(trainer.get_eval_dataloader().dataset.select(range(4)))  # 4 of the 8 pairs: other means
     again = trainer.evaluate()

@@ -14,7 +14,9 @@ from transformers.modeling_outputs import CausalLMOutput
 class TinyCustomConfig(PretrainedConfig):
     model_type = "tiny_custom_dpo"
 
-    def __init__(self, vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_positions=256, honour_mask=False, **kwargs):
+    def __init__(
+        self, vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, max_positions=256, honour_mask=False, **kwargs
+    ):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads, self.max_positions, self.honour_mask = num_heads, max_positions, honour_mask
         super().__init__(**kwargs)
@@ -27,7 +29,11 @@ class Block(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(config.hidden_size), nn.LayerNorm(config.hidden_size)
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, 2 * config.hidden_size), nn.GELU(), nn.Linear(2 * config.hidden_size, config.hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size, 2 * config.hidden_size),
+            nn.GELU(),
+            nn.Linear(2 * config.hidden_size, config.hidden_size),
+        )
 
     def forward(self, x, mask):
         b, n, h = x.shape

@@ -1,0 +1,31 @@
+"""How true/false/auto values parse, from the command line, config files and Python alike."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+TRUE_STRINGS = ("true", "1", "yes", "y")
+FALSE_STRINGS = ("false", "0", "no", "n")
+AUTO = "auto"
+
+
+def parse_bool(value: Any) -> Optional[bool]:
+    """``True``/``False`` for a bool or a true/false string (true/false, yes/no, y/n, 1/0), else None."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_STRINGS:
+        return True
+    if text in FALSE_STRINGS:
+        return False
+    return None
+
+
+def parse_auto_bool(name: str, value: Union[str, bool, None]) -> Union[str, bool]:
+    """``True``/``False``/``"auto"`` from a bool or a string; raises ``ValueError`` naming ``--name`` otherwise."""
+    if str(value).strip().lower() == AUTO:
+        return AUTO
+    parsed = parse_bool(value)
+    if parsed is None:
+        raise ValueError(f"--{name}: got {value!r}; choose auto, true or false")
+    return parsed

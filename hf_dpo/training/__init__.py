@@ -1,0 +1,15 @@
+"""Stage 7, training: the thin Trainer subclass and what it needs around the loop.
+
+``config`` (:class:`DPOConfig`) and ``trl_names`` (TRL's argument names), ``trainer``
+(:class:`NormalizedDPOTrainer`), ``guards`` (non-finite losses, the step-0 self-check),
+``launch`` (runs that would not get the engine they ask for), ``moe`` (the router
+load-balancing loss), ``metrics`` (pair-weighted metric means), ``splits`` (the train and
+eval sets), ``checkpoints`` (resuming from complete checkpoints only) and ``model_card``.
+"""
+
+from .checkpoints import latest_complete_checkpoint
+from .config import DPOConfig
+from .guards import NonFiniteLossError
+from .trainer import NormalizedDPOTrainer
+
+__all__ = ["DPOConfig", "NonFiniteLossError", "NormalizedDPOTrainer", "latest_complete_checkpoint"]
