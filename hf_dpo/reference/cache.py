@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..common.columns import REF_LOGP_COLUMNS, TOKENIZED_COLUMNS
 from ..common.models import unwrap
+from ..common.paths import cache_root
 from .engines import full_tensors
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ _VALUES_PER_TENSOR = 4096
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("HF_DPO_CACHE", Path.home() / ".cache" / "hf_dpo")) / "ref_logps"
+    """``$HF_DPO_CACHE/ref_logps`` (``HF_DPO_CACHE`` defaulting to ``~/.cache/hf_dpo``)."""
+    return cache_root() / "ref_logps"
 
 
 def data_fingerprint(dataset: datasets.Dataset) -> str:
