@@ -23,6 +23,26 @@ def test_defaults(tmp_path):
     assert (args.max_length, args.max_prompt_length, args.label_smoothing, args.sft_weight) == (1024, 512, 0.0, 0.0)
 
 
+def test_training_defaults_are_dpo_ones_not_supervised_ones(tmp_path):
+    """TrainingArguments' 5e-5 for 3 epochs is 50x DPO's usual rate (TRL: 1e-6); logging every 500 steps shows nothing."""
+    ours, theirs = DPOConfig(output_dir=str(tmp_path)), TrainingArguments(output_dir=str(tmp_path))
+    assert (theirs.learning_rate, theirs.num_train_epochs, theirs.logging_steps, theirs.warmup_steps) == (
+        5e-5,
+        3,
+        500,
+        0,
+    )
+    assert (ours.learning_rate, ours.num_train_epochs, ours.logging_steps, ours.warmup_steps) == (1e-6, 1, 10, 0.1)
+    (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(["--output_dir", str(tmp_path)])
+    assert (parsed.learning_rate, parsed.num_train_epochs) == (1e-6, 1)
+    assert (
+        HfArgumentParser(DPOConfig)
+        .parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--learning_rate", "5e-7"])[0]
+        .learning_rate
+        == 5e-7
+    )
+
+
 def test_max_length_alone_is_always_valid(tmp_path):
     """Unset max_prompt_length is half of max_length (TRL users with max_length <= 512 hit the old fixed 512)."""
     args = DPOConfig(output_dir=str(tmp_path), max_length=128)

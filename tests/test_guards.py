@@ -14,7 +14,14 @@ from hf_dpo import DPOConfig, NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.losses import sft_nll
 from hf_dpo.scoring.logprobs import response_logp_sums, sequence_logps
-from hf_dpo.training.guards import FIRST_STEP_RTOL, LN2, NonFiniteLossError, beta_warning, initial_loss
+from hf_dpo.training.guards import (
+    FIRST_STEP_RTOL,
+    LN2,
+    NonFiniteLossError,
+    beta_warning,
+    initial_loss,
+    learning_rate_warning,
+)
 
 datasets.disable_progress_bars()
 POISONED_ROW = 2
@@ -40,6 +47,7 @@ def config(tmp_path, **overrides):
         use_cpu=True,
         disable_tqdm=True,
         learning_rate=1e-2,
+        warmup_steps=0,  # the learning-rate checks below count scheduler steps from a flat start
     )
     values.update(overrides)
     return DPOConfig(**values)
@@ -344,3 +352,25 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
         r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.guards" and r.levelno == logging.WARNING
     ]
     assert warnings == [message]  # once, at construction
+
+
+def test_learning_rate_warning_for_a_full_finetune_far_above_the_dpo_range():
+    """A 135M full fine-tune at SFT's 5e-5 warns; DPO's rates, adapters and random-init toys (the demo's 1e-3) do not."""
+    message = learning_rate_warning(5e-5, adapter_only=False, n_parameters=134_515_008)
+    assert message.startswith("learning_rate=5e-05 for a full fine-tune of a 135M-parameter model")
+    assert "usual range is 1e-7 to 5e-6" in message
+    assert learning_rate_warning(5e-6, adapter_only=False, n_parameters=134_515_008) is None  # inside the range
+    assert learning_rate_warning(1e-4, adapter_only=True, n_parameters=134_515_008) is None  # LoRA takes ~10x more
+    assert learning_rate_warning(1e-3, adapter_only=False, n_parameters=120_000) is None  # the demo's toy
+
+
+def test_trainer_warns_once_about_a_high_learning_rate_on_a_pretrained_size_model(tokenizer, tmp_path, caplog):
+    model = build_model(tokenizer, hidden_size=256, num_layers=12)  # 12M parameters: past the toy threshold
+    assert sum(p.numel() for p in model.parameters()) > 10_000_000
+    args = config(tmp_path, learning_rate=5e-5)
+    with caplog.at_level(logging.WARNING, logger="hf_dpo.training.guards"):
+        NormalizedDPOTrainer(
+            model=model, args=args, train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer
+        )
+    warnings = [r.getMessage() for r in caplog.records if "learning_rate=5e-05" in r.getMessage()]
+    assert len(warnings) == 1

@@ -106,7 +106,7 @@ def test_aux_loss_is_added_to_the_policy_loss_only(build, tokenizer, tmp_path):
     assert trainer.router_aux.coef == pytest.approx(COEF)  # taken from the model config
     batch = first_batch(trainer)
     with torch.no_grad():
-        losses, metrics = trainer.pair_losses(trainer.model, batch)
+        losses, aux_term, metrics = trainer.pair_losses(trainer.model, batch)
         expected_aux = policy(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True
         ).aux_loss  # transformers' load_balancing_loss_func, padding excluded through attention_mask
@@ -115,10 +115,12 @@ def test_aux_loss_is_added_to_the_policy_loss_only(build, tokenizer, tmp_path):
 
     zero = make_trainer(tmp_path / "zero", tokenizer, policy, reference, router_aux_loss_coef=0.0)
     with torch.no_grad():
-        zero_losses, zero_metrics = zero.pair_losses(zero.model, batch)
+        zero_losses, zero_aux_term, zero_metrics = zero.pair_losses(zero.model, batch)
     assert abs(float(zero_metrics["aux_loss"]) - float(expected_aux)) < 1e-6  # logged, not trained on
-    assert torch.allclose(losses, zero_losses + COEF * expected_aux, atol=1e-6, rtol=0)
-    assert float((losses - zero_losses).abs().min()) > 1e-3  # the term is really there
+    # pair_losses returns the DPO losses and the batch's router term apart; the loss is their mean plus the term.
+    assert float(zero_aux_term) == 0.0 and abs(float(aux_term) - COEF * float(expected_aux)) < 1e-6
+    assert torch.allclose(losses + aux_term, zero_losses + COEF * expected_aux, atol=1e-6, rtol=0)
+    assert float((losses + aux_term - zero_losses).abs().min()) > 1e-3  # the term is really there
 
     plain_policy, plain_reference = copy.deepcopy(policy), copy.deepcopy(reference)
     for model in (plain_policy, plain_reference):
@@ -126,8 +128,8 @@ def test_aux_loss_is_added_to_the_policy_loss_only(build, tokenizer, tmp_path):
     plain = make_trainer(tmp_path / "plain", tokenizer, plain_policy, plain_reference)
     assert plain.router_aux.coef is None
     with torch.no_grad():
-        plain_losses, plain_metrics = plain.pair_losses(plain.model, batch)
-    assert "aux_loss" not in plain_metrics
+        plain_losses, plain_aux_term, plain_metrics = plain.pair_losses(plain.model, batch)
+    assert "aux_loss" not in plain_metrics and plain_aux_term is None
     assert torch.allclose(zero_losses, plain_losses, atol=1e-6, rtol=0)
 
 

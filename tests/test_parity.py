@@ -93,7 +93,8 @@ def our_pair_losses(trainer: NormalizedDPOTrainer):
     """Per-pair losses and metrics of the first ``N_PAIRS`` pairs, in data set order."""
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(N_PAIRS)])
     with torch.no_grad():
-        return trainer.pair_losses(trainer.model, batch)
+        losses, _, metrics = trainer.pair_losses(trainer.model, batch)  # no MoE router term on these models
+    return losses, metrics
 
 
 def float64_logp_sum(model, input_ids: list[int], token_mask: list[int]) -> tuple[float, int]:

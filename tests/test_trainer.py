@@ -58,10 +58,10 @@ class SequentialTrainer(NormalizedDPOTrainer):
         return SequentialSampler(self.train_dataset)
 
     def pair_losses(self, model, batch):
-        losses, metrics = super().pair_losses(model, batch)
+        losses, aux_term, metrics = super().pair_losses(model, batch)
         split = "train" if model.training else "eval"
         self.recorded.append((split, {key: float(value) for key, value in metrics.items()}))
-        return losses, metrics
+        return losses, aux_term, metrics
 
 
 def make_args(output_dir, **overrides) -> DPOConfig:

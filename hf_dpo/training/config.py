@@ -199,6 +199,33 @@ class DPOConfig(TrainingArguments):
             "HF_DPO_CACHE defaulting to ~/.cache/hf_dpo); an empty string turns the disk cache off."
         },
     )
+    # TrainingArguments' defaults suit supervised fine-tuning; these suit DPO (docs/usage.md, "Defaults").
+    learning_rate: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Peak learning rate. DPO moves a model that is already good at following instructions: the usual "
+            "range for a full fine-tune is 1e-7 to 5e-6 (TRL's default is 1e-6, SimPO's recipes 3e-7 to 1e-6), far below "
+            "supervised fine-tuning's 5e-5. LoRA adapters take about 10x more."
+        },
+    )
+    num_train_epochs: float = field(
+        default=1.0,
+        metadata={
+            "help": "Passes over the preference data. One is the usual DPO recipe: more overfits the preferences."
+        },
+    )
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={
+            "help": "Linear warmup: a number of steps, or a fraction of the run below 1 (default: the first 10%)."
+        },
+    )
+    logging_steps: float = field(
+        default=10,
+        metadata={
+            "help": "Log the loss and the DPO metrics every this many optimizer steps (or this fraction of the run)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={

@@ -337,8 +337,33 @@ def _drop_gradients(optimizer) -> None:
             param.grad = None
 
 
-def warn_about_beta(args) -> None:
-    """Log :func:`beta_warning` once, when there is one."""
+# --------------------------------------------------------------------------- learning rate
+
+# Above this, a full fine-tune of a pretrained model is past the usual DPO range (1e-7 to 5e-6).
+HIGH_FULL_FINETUNE_LR = 2e-5
+# Below this many parameters a model is a toy (the demo's has ~0.1M): random-init models train at far higher rates.
+PRETRAINED_SIZE = 10_000_000
+
+
+def learning_rate_warning(learning_rate: float, adapter_only: bool, n_parameters: int) -> Optional[str]:
+    """The warning for a full fine-tune of a real model at a learning rate far above DPO's usual range, else None."""
+    if adapter_only or n_parameters < PRETRAINED_SIZE or learning_rate <= HIGH_FULL_FINETUNE_LR:
+        return None
+    return (
+        f"learning_rate={learning_rate:g} for a full fine-tune of a {n_parameters / 1e6:.0f}M-parameter model: DPO's "
+        f"usual range is 1e-7 to 5e-6 (the default is 1e-6); rates made for supervised fine-tuning (5e-5) move a "
+        "pretrained model far from its reference within a few steps. Set --learning_rate explicitly if this is intended"
+    )
+
+
+def warn_about_settings(args, model) -> None:
+    """Log :func:`beta_warning` and :func:`learning_rate_warning` once, when they apply to ``args`` and ``model``."""
     warning = beta_warning(args)
     if warning is not None:
         logger.log(*warning)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in model.parameters())
+    adapter_only = sum(p.numel() for p in trainable) < 0.5 * total  # LoRA and other adapters train a small share
+    message = learning_rate_warning(args.learning_rate, adapter_only, total)
+    if message is not None:
+        logger.warning(message)

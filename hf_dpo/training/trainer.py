@@ -38,7 +38,7 @@ from ..scoring import score_batch, sequence_logps
 from ..tokenization import tokenize_dataset
 from .checkpoints import resolve_resume_checkpoint
 from .config import DPOConfig, as_dpo_config
-from .guards import TrainingGuards, warn_about_beta
+from .guards import TrainingGuards, warn_about_settings
 from .launch import EngineCheck, check_launch
 from .metrics import PairMetrics
 from .model_card import write_model_card
@@ -144,7 +144,7 @@ class NormalizedDPOTrainer(Trainer):
         self.response_only_logits = launch.response_only_logits
         self.guards = TrainingGuards(args, self.accelerator, self.reference_mode, lambda: self.ref_model, self._where)
         self.add_callback(self.guards)  # non-finite loss, first-step ln 2 check
-        warn_about_beta(args)
+        warn_about_settings(args, self.model)
         self.add_callback(EngineCheck(launch.engine, lambda: (self.model_wrapped, self.model)))
         if self.ref_model is not None:
             self.ref_model = prepare_reference(self.ref_model, self.accelerator)  # sharded like the policy
