@@ -149,9 +149,6 @@ def test_two_ranks_gather_into_row_order(tmp_path):
             self.process_index = rank
             self.calls = 0
 
-        def autocast(self):
-            return torch.autocast("cpu", enabled=False)
-
         def gather(self, tensor):
             self.calls += 1
             if self.process_index == 1:
@@ -159,14 +156,13 @@ def test_two_ranks_gather_into_row_order(tmp_path):
                 return tensor
             return torch.cat([tensor, sent_by_rank_1[self.calls - 1]])
 
-    real = trainer.accelerator
-    try:
-        trainer.accelerator = FakeAccelerator(1)
-        ref_cache.compute_reference_sums(trainer, train, "rank 1")
-        trainer.accelerator = FakeAccelerator(0)
-        values = ref_cache.compute_reference_sums(trainer, train, "rank 0")
-    finally:
-        trainer.accelerator = real
+    def scored_by(rank):
+        accelerator = FakeAccelerator(rank)
+        score, collate = trainer._reference_scores, trainer.data_collator
+        return ref_cache.compute_reference_sums(train, score, collate, accelerator, 2, f"rank {rank}")
+
+    scored_by(1)
+    values = scored_by(0)
     torch.testing.assert_close(values["ref_chosen_logp_sums"], expected[0], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(values["ref_rejected_logp_sums"], expected[1], rtol=1e-6, atol=1e-5)
     assert values["chosen_lengths"].tolist() == [len(f) - f.count(0) for f in train["chosen_response_mask"]]

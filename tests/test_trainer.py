@@ -148,7 +148,8 @@ def trained(tokenizer, rows, tmp_path_factory):
 
 def test_step0_pair_losses_are_ln2_and_rewards_zero(trained):
     """policy == reference: margin 0, ``-logsigmoid(0) = ln 2`` per pair, rewards exactly 0, ties count 0.5."""
-    losses, metrics = trained["step0"]
+    losses, aux_term, metrics = trained["step0"]
+    assert aux_term is None  # a dense model has no router term
     assert losses.dtype == torch.float32 and losses.shape == (8,)
     assert (losses - LN2).abs().max().item() < 1e-6
     assert abs(trained["step0_loss"].item() - LN2) < 1e-6
@@ -368,7 +369,7 @@ def test_accumulation_matches_the_full_batch_update(tokenizer, rows, tmp_path):
     )
     batch = next(iter(trainer.get_train_dataloader()))
     model.train()
-    losses, _ = trainer.pair_losses(model, batch)
+    losses, _, _ = trainer.pair_losses(model, batch)
     losses.mean().backward()
     expected = {n: -lr * p.grad for n, p in model.named_parameters()}
 
@@ -443,7 +444,7 @@ def test_simpo_trains_without_a_reference(tokenizer, rows, tmp_path):
     assert args.beta == 2.0 and args.simpo_gamma == 0.5
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
-        losses, metrics = trainer.pair_losses(model, batch)
+        losses, _, metrics = trainer.pair_losses(model, batch)
         sums, counts = trainer.score(model, batch)
     means = sums.double() / counts.double()
     expected = -F.logsigmoid(2.0 * (means[:4] - means[4:]) - 0.5)
@@ -567,7 +568,7 @@ def test_string_layout_rows_train(tokenizer, tmp_path):
     assert first["chosen_input_ids"][-1] == tokenizer.eos_token_id
     assert sum(first["chosen_response_mask"]) == len(first["chosen_input_ids"]) - len(prompt_ids)
     batch = next(iter(trainer.get_train_dataloader()))
-    losses, _ = trainer.pair_losses(trainer.model, batch)
+    losses, _, _ = trainer.pair_losses(trainer.model, batch)
     assert (losses - LN2).abs().max().item() < 1e-6
 
 
@@ -588,7 +589,7 @@ def test_eval_metrics_weight_every_pair_equally(tokenizer, rows, tmp_path):
     batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(12)])
     model.eval()
     with torch.no_grad():
-        losses, _ = trainer.pair_losses(model, batch)
+        losses, _, _ = trainer.pair_losses(model, batch)
         policy_sums, counts = trainer.score(model, batch)
         ref_sums, _ = trainer.score(ref, batch)
     rewards = 0.1 * (policy_sums - ref_sums).double()  # (2B,) sum form, beta 0.1
