@@ -217,7 +217,7 @@ class DPOConfig(TrainingArguments):
     warmup_steps: float = field(
         default=0.1,
         metadata={
-            "help": "Linear warmup: a number of steps, or a fraction of the run below 1 (default: the first 10%)."
+            "help": "Linear warmup: a number of steps, or a fraction of the run below 1 (default: the first 10 percent)."
         },
     )
     logging_steps: float = field(
