@@ -14,7 +14,7 @@ message keys not rendered) goes into ``notes``, a set the reader turns into repo
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .errors import DataError
 
@@ -102,14 +102,14 @@ def check_message(message: Any, where: str, notes: set, sharegpt: bool = False) 
     if content_key not in message:
         raise DataError(f"missing {content_key!r}", field=where, code="missing_field")
     role = message[role_key]
-    if role in TOOL_ROLES:
+    if isinstance(role, str) and role in TOOL_ROLES:
         raise DataError(
             f"a {role!r} turn: tool calls and tool results are not supported (hf_dpo renders plain chat with the "
             "model's chat template, without tools); drop the row or its tool turns",
             field=f"{where}.{role_key}",
             code="tool_turn",
         )
-    if role not in names:
+    if not isinstance(role, str) or role not in names:
         raise DataError(
             f"unsupported role {role!r}; expected one of {list(names)}", field=f"{where}.{role_key}", code="bad_role"
         )
@@ -132,18 +132,15 @@ def check_messages(
     return messages
 
 
-def check_role_order(messages: list[dict[str, str]], field_name: str, first_role: str, start: int = 0) -> None:
-    """An optional leading system turn, then user and assistant alternating, starting with ``first_role``.
-
-    ``start`` is the index of ``messages[0]`` in the row's field, for the message.
-    """
-    expected: Optional[str] = first_role
+def check_role_order(messages: list[dict[str, str]], field_name: str, first_role: str) -> None:
+    """An optional leading system turn, then user and assistant alternating, starting with ``first_role``."""
+    expected = first_role
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "system" and i == 0 and first_role == "user":
             continue
         if role != expected:
             raise DataError(
-                f"expected {expected!r}, got {role!r}", field=f"{field_name}[{start + i}].role", code="bad_role_order"
+                f"expected {expected!r}, got {role!r}", field=f"{field_name}[{i}].role", code="bad_role_order"
             )
         expected = "assistant" if role == "user" else "user"
