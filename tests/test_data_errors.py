@@ -13,7 +13,7 @@ import pytest
 
 from hf_dpo import DataError, load_preference_dataset, tokenize_dataset
 from hf_dpo.cli.demo import build_tokenizer
-from hf_dpo.data import data_report, read_preference_rows
+from hf_dpo.data import LAYOUTS, data_report, read_preference_rows
 
 datasets.disable_progress_bars()
 
@@ -31,6 +31,8 @@ GOOD = {
     "rejected": [user("Opposite of hot?"), assistant("hot")],
 }
 Q = user("q")
+# The layouts as the unknown-layout error lists them (tests/test_layouts_in.py checks the list itself).
+LAYOUT_LIST = "; ".join(f"{name} ({shape})" for name, shape in LAYOUTS.items())
 
 # (case id, line 2 of the file, expected "field: reason" after "<file>:2: ", skip code)
 BAD_ROWS = [
@@ -62,7 +64,7 @@ BAD_ROWS = [
     (
         "content_object",
         json.dumps({"chosen": [Q, assistant({"text": "a"})], "rejected": [Q, assistant("b")]}),
-        "chosen[1].content: expected a string, got object",
+        "chosen[1].content: expected a string or a list of typed parts, got object",
         "bad_type",
     ),
     (
@@ -130,13 +132,17 @@ BAD_ROWS = [
     (
         "sft_conversations_row",
         json.dumps({"conversations": [Q, assistant("a")]}),
-        "not a preference row: no 'chosen' and no 'rejected' (keys present: 'conversations')",
-        "missing_field",
+        "no preference layout matches this row (keys present: 'conversations'). hf_dpo reads: {layouts}. For other "
+        "column names pass a mapping, e.g. --dataset_columns "
+        '\'{{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}}\' '
+        "(DPOConfig.dataset_columns, load_preference_dataset(columns=...))",
+        "unknown_layout",
     ),
     (
         "string_prompt_message_sides",
         json.dumps({"prompt": "q", "chosen": [assistant("a")], "rejected": [assistant("b")]}),
-        "chosen: is a list of messages but 'prompt' is a string; use one layout for all three fields (strings, or lists of messages)",
+        "chosen: is a list of messages without a user turn but 'prompt' is a string; use one layout for all three "
+        "fields (strings, or lists of messages), or give chosen and rejected as full conversations",
         "mixed_layouts",
     ),
     (
@@ -161,7 +167,7 @@ def test_bad_row_raises_with_location_or_is_counted(tmp_path, bad_line, expected
     path = write_lines(tmp_path / "data.jsonl", [json.dumps(GOOD), bad_line, json.dumps(GOOD)])
     with pytest.raises(DataError) as caught:
         load_preference_dataset(str(path))
-    assert str(caught.value) == f"{path}:2: " + expected.format(path=path)
+    assert str(caught.value) == f"{path}:2: " + expected.format(path=path, layouts=LAYOUT_LIST)
     assert (caught.value.line, caught.value.code) == (2, code)
 
     rows, report = read_preference_rows(str(path), on_bad_row="skip")

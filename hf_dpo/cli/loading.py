@@ -52,7 +52,10 @@ def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Opti
         raise SystemExit("--dataset is required with --model_name_or_path")
     on_bad_row = training_args.on_bad_row
     extra = hub_kwargs(script_args)
-    train = load_preference_dataset(source, split=script_args.dataset_split, on_bad_row=on_bad_row, **extra)
+    columns = training_args.dataset_columns
+    train = load_preference_dataset(
+        source, split=script_args.dataset_split, on_bad_row=on_bad_row, columns=columns, **extra
+    )
     evaluation = None
     if script_args.eval_dataset or script_args.eval_dataset_split:
         eval_source = script_args.eval_dataset or script_args.dataset
@@ -68,6 +71,7 @@ def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Opti
             eval_source,
             split=script_args.eval_dataset_split,
             on_bad_row=on_bad_row,
+            columns=columns,
             **(extra if not script_args.eval_dataset else {}),
         )
     elif script_args.eval_split_size > 0:

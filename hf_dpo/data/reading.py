@@ -1,12 +1,10 @@
 """Preference rows from files, data sets or the hub, validated into one canonical layout.
 
-Accepted layouts, detected per row (see docs/data.md):
-
-1. MiniMind: ``{"chosen": [messages], "rejected": [messages]}``; the turns before
-   the answer are identical on both sides.
-2. Conversational with explicit prompt: ``{"prompt": [messages], "chosen": [messages],
-   "rejected": [messages]}``.
-3. Strings: ``{"prompt": str, "chosen": str, "rejected": str}``.
+Accepted layouts, detected per row (:data:`hf_dpo.data.rows.LAYOUTS`, docs/data.md): MiniMind
+``{"chosen": [messages], "rejected": [messages]}``; conversational ``{"prompt": [messages], ...}``;
+strings ``{"prompt": str, "chosen": str, "rejected": str}``; a string prompt beside full
+conversations (UltraFeedback-binarized); LLaMA-Factory's sharegpt and alpaca preference rows;
+and any of them under other column names through a column mapping.
 
 Every row becomes ``{"row_id", "layout", "prompt", "chosen", "rejected",
 "prompt_text", "chosen_text", "rejected_text"}``: message layouts fill the three
@@ -30,9 +28,10 @@ from typing import Any, Optional, Union
 
 import datasets
 
+from .columns import parse_columns
 from .errors import UNTRAINABLE, DataError
 from .report import DataReport
-from .rows import validate_row
+from .rows import canonicalise
 from .sources import open_with_datasets, source_kind
 
 logger = logging.getLogger(__name__)
@@ -132,11 +131,15 @@ def read_preference_rows(
     name: Optional[str] = None,
     data_files: Any = None,
     revision: Optional[str] = None,
+    columns: Optional[dict[str, str]] = None,
 ) -> tuple[list[dict[str, Any]], DataReport]:
     """Validate every row of ``source``; return the canonical rows and the report.
 
     ``name`` (the data set's config), ``data_files`` and ``revision`` are passed to
     ``datasets.load_dataset`` for hub names and local data set folders.
+
+    ``columns`` maps hf_dpo's column names to the row's (:mod:`hf_dpo.data.columns`), e.g.
+    ``{"prompt": "question"}``; a JSON object string is accepted too.
 
     ``on_bad_row="error"`` raises the first structural error; ``"skip"`` counts
     it per reason instead. Untrainable pairs are always skipped and counted.
@@ -144,7 +147,8 @@ def read_preference_rows(
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
-    report = DataReport()
+    columns = parse_columns(columns)
+    report = DataReport(columns=dict(columns or {}))
     rows: list[dict[str, Any]] = []
     offset = 0
     for label, items in _rows_of(source, split, {"name": name, "data_files": data_files, "revision": revision}):
@@ -158,7 +162,7 @@ def read_preference_rows(
                 if isinstance(raw, DataError):
                     raise raw
                 # Each row is canonicalised on its own, so the layouts may be mixed in one source (counted per layout).
-                canonical = validate_row(raw)
+                canonical, notes = canonicalise(raw, columns)
             except DataError as err:
                 located = err.at(label, line)
                 if on_bad_row == "error" and err.code not in UNTRAINABLE:
@@ -166,8 +170,8 @@ def read_preference_rows(
                 report.skip(err.code, f"{label}:{line}")
                 logger.debug("skipped %s", located)
                 continue
-            if _extra_message_keys(raw):
-                report.counters["ignored_message_keys"] += 1
+            for note in notes:
+                report.counters[note] += 1
             canonical["row_id"] = offset + line
             report.counters[f"layout_{canonical['layout']}"] += 1
             rows.append(canonical)
@@ -185,20 +189,6 @@ def _nothing_kept(report: DataReport) -> str:
     return f"no valid preference rows: all {report.rows_read} rows were skipped: {report.describe_skips()}"
 
 
-def _extra_message_keys(raw: dict[str, Any]) -> set[str]:
-    """Message keys other than role and content (e.g. ``name``, ``tool_calls``); they are not rendered.
-
-    Keys whose value is None do not count: Arrow sources (parquet, the hub) give every
-    message every key that any message of the column has, filled with None.
-    """
-    keys: set[str] = set()
-    for side in ("prompt", "chosen", "rejected"):
-        if isinstance(raw.get(side), list):
-            for message in raw[side]:
-                keys.update(k for k, v in message.items() if k not in ("role", "content") and v is not None)
-    return keys
-
-
 REPORT_MARKER = "hf_dpo.data_report="
 
 
@@ -210,13 +200,15 @@ def load_preference_dataset(
     name: Optional[str] = None,
     data_files: Any = None,
     revision: Optional[str] = None,
+    columns: Optional[dict[str, str]] = None,
 ) -> datasets.Dataset:
     """Load preference rows from a JSONL/JSON file or directory, a ``save_to_disk`` or parquet folder, a
     ``datasets.Dataset``/``DatasetDict``, a list, or a hub name (``org/name``).
 
     ``split`` (default ``"train"``), ``name`` (the config), ``data_files`` and ``revision`` are
     those of ``datasets.load_dataset``; an existing local path wins over a hub name
-    (rules: :mod:`hf_dpo.data.sources`).
+    (rules: :mod:`hf_dpo.data.sources`). ``columns`` maps hf_dpo's column names to the
+    data's own, e.g. ``{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}``.
 
     Returns a ``datasets.Dataset`` in the canonical layout (see module docstring).
     Bad rows raise :class:`DataError` naming ``file:line: field: reason``, or are
@@ -224,7 +216,13 @@ def load_preference_dataset(
     data set and are read back by :func:`data_report`.
     """
     rows, report = read_preference_rows(
-        source, split=split, on_bad_row=on_bad_row, name=name, data_files=data_files, revision=revision
+        source,
+        split=split,
+        on_bad_row=on_bad_row,
+        name=name,
+        data_files=data_files,
+        revision=revision,
+        columns=columns,
     )
     if report.rows_skipped:
         logger.warning(

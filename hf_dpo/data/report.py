@@ -20,6 +20,8 @@ from typing import Any, Optional
 logger = logging.getLogger(__name__)
 
 EXAMPLE_LINES = 3
+# The layouts hf_dpo's own docs write; any other one (another tool's rows) is named in the report even alone.
+PLAIN_LAYOUTS = ("minimind", "conversational", "string")
 
 LENGTH_COLUMNS = ("prompt_tokens", "chosen_tokens", "rejected_tokens")
 STAT_NAMES = ("min", "mean", "p50", "p95", "max")
@@ -39,6 +41,8 @@ class DataReport:
     counters: Counter = field(default_factory=Counter)
     # Up to three example locations for some counters (e.g. special_token_text).
     counter_examples: dict[str, list[str]] = field(default_factory=dict)
+    # The column mapping the rows were read with, hf_dpo's name -> the data's (hf_dpo.data.columns).
+    columns: dict[str, str] = field(default_factory=dict)
 
     def skip(self, code: str, where: str) -> None:
         self.skipped[code] += 1
@@ -79,6 +83,7 @@ class DataReport:
             "skip_examples": self.skip_examples,
             "counters": dict(self.counters),
             "counter_examples": self.counter_examples,
+            "columns": self.columns,
         }
 
     @classmethod
@@ -92,6 +97,7 @@ class DataReport:
             skip_examples={k: list(v) for k, v in data.get("skip_examples", {}).items()},
             counters=Counter(data.get("counters", {})),
             counter_examples={k: list(v) for k, v in data.get("counter_examples", {}).items()},
+            columns=dict(data.get("columns", {})),
         )
 
 
@@ -138,9 +144,12 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
             lines.append(f"  skipped     {code:<{width}} {count:>6}  e.g. {examples}")
     else:
         lines.append("  skipped     none")
+    if report.columns:
+        lines.append("  columns     " + ", ".join(f"{ours} <- {theirs}" for ours, theirs in report.columns.items()))
     layouts = {key[len("layout_") :]: n for key, n in counters.items() if key.startswith("layout_") and n}
-    if len(layouts) > 1:
-        # String rows are concatenated raw, message rows go through the chat template: say that both kinds are here.
+    if len(layouts) > 1 or set(layouts) - set(PLAIN_LAYOUTS):
+        # String rows are concatenated raw, message rows go through the chat template: say that both kinds are
+        # here; and say which layout another tool's rows were read as.
         lines.append(
             "  layouts     " + ", ".join(f"{name} {n}" for name, n in sorted(layouts.items())) + " (detected per row)"
         )
@@ -160,6 +169,12 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
     for key, label, text in (
         ("special_token_text", "special", "row(s) spell a special token in their text, kept"),
         ("ignored_message_keys", "ignored", "row(s) have message keys other than role/content, not rendered"),
+        ("content_parts_joined", "joined", "row(s) have a message of several text parts, joined with '\\n'"),
+        (
+            "template_added_system",
+            "template",
+            "pair(s) without a system turn get the chat template's default system text, as at inference",
+        ),
     ):
         if counters.get(key):
             examples = report.counter_examples.get(key)

@@ -24,8 +24,16 @@ import datasets
 
 from ..common.columns import TOKENIZED_COLUMNS
 from ..data import DataError, DataReport, data_report
+from ..data.report import EXAMPLE_LINES
 from .special_tokens import count_special_token_text
-from .templates import earlier_answer_spans, final_response_text, leading_text, render, template_kwargs
+from .templates import (
+    earlier_answer_spans,
+    final_response_text,
+    leading_text,
+    render,
+    template_added_system,
+    template_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,7 @@ STAT_COLUMNS = (
     "responses_truncated",
     "boundary_merges",
     "template_rewrite",
+    "template_added_system",
 )
 
 
@@ -77,11 +86,13 @@ def _earlier_answer_mask(
 
 
 def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_template_kwargs: Optional[dict] = None):
-    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges, rewrite_kind, kept_head)`` for one canonical row.
+    """``(prompt_ids, prompt_mask, {side: response_ids}, boundary_merges, rewrite_kind, kept_head, added_system)``
+    for one canonical row.
 
-    ``kept_head`` is the number of leading prompt tokens that prompt truncation keeps.
+    ``kept_head`` is the number of leading prompt tokens that prompt truncation keeps; ``added_system``
+    the default system text the template wrote into the prompt ("" if none).
     """
-    rewrite = ""
+    rewrite = added = ""
     if row["layout"] == "string":
         # Raw concatenation; the tokenizer adds BOS to the prompt if it is configured to.
         prompt_text = row["prompt_text"]
@@ -99,6 +110,7 @@ def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_tem
             else [0] * len(prompt_ids)
         )
         head = _head_tokens(tokenizer, leading_text(tokenizer, row["prompt"], prompt_text, kwargs), prompt_ids)
+        added = template_added_system(tokenizer, row["prompt"], prompt_text, kwargs)
         full_texts = {}
         for side in ("chosen", "rejected"):
             response_text, kind = final_response_text(
@@ -115,7 +127,7 @@ def _render_pair(row: dict[str, Any], tokenizer, completion_turns: str, chat_tem
             ids, merged = _response_ids(tokenizer, prompt_text, prompt_ids, full_text)
         responses[side] = ids
         merges = max(merges, int(merged))  # counted per pair, as documented, not per side
-    return prompt_ids, prompt_mask, responses, merges, rewrite, head
+    return prompt_ids, prompt_mask, responses, merges, rewrite, head, added
 
 
 def _leading_specials(tokenizer, ids: list[int]) -> int:
@@ -168,7 +180,7 @@ def tokenize_row(
     after truncation), and the statistics in :data:`STAT_COLUMNS`;
     ``skip_reason`` is ``""`` for a usable pair.
     """
-    prompt_ids, prompt_mask, responses, merges, rewrite, head = _render_pair(
+    prompt_ids, prompt_mask, responses, merges, rewrite, head, added = _render_pair(
         row, tokenizer, completion_turns, chat_template_kwargs
     )
     prompt_tokens = len(prompt_ids)
@@ -182,6 +194,7 @@ def tokenize_row(
         "responses_truncated": 0,
         "boundary_merges": merges,
         "template_rewrite": rewrite,
+        "template_added_system": added,
     }
     budget = None if max_length is None else max_length - len(prompt_ids)
     for side, response in responses.items():
@@ -213,6 +226,7 @@ def _failed_row(code: str) -> dict[str, Any]:
         "responses_truncated": 0,
         "boundary_merges": 0,
         "template_rewrite": "",
+        "template_added_system": "",
     }
 
 
@@ -227,6 +241,15 @@ def _summarise(stats: datasets.Dataset, report: DataReport) -> None:
         if kind:
             report.counters["template_rewrites"] += 1
             report.counters[f"template_rewrites.{kind}"] += 1
+    # Counted per pair, like the rewrites; the distinct texts (one per template and kwargs) are the examples.
+    texts = report.counter_examples.setdefault("template_added_system", [])
+    for text, skipped in zip(stats["template_added_system"], stats["skip_reason"]):
+        if text and not skipped:
+            report.counters["template_added_system"] += 1
+            if repr(text) not in texts and len(texts) < EXAMPLE_LINES:
+                texts.append(repr(text))
+    if not texts:
+        del report.counter_examples["template_added_system"]
 
 
 def tokenize_dataset(
@@ -274,7 +297,15 @@ def tokenize_dataset(
     )
     _summarise(
         tokenized.select_columns(
-            ["skip_reason", "row_id", "prompt_truncated", "responses_truncated", "boundary_merges", "template_rewrite"]
+            [
+                "skip_reason",
+                "row_id",
+                "prompt_truncated",
+                "responses_truncated",
+                "boundary_merges",
+                "template_rewrite",
+                "template_added_system",
+            ]
         ),
         report,
     )

@@ -217,3 +217,44 @@ def leading_text(tokenizer, prompt: list[dict], prompt_text: str, kwargs: Option
         return ""
     head = text[: text.index(_SENTINELS[0])]
     return head if prompt_text.startswith(head) else ""
+
+
+_SYSTEM_CACHE: dict[tuple, str] = {}
+
+
+def default_system_text(tokenizer, kwargs: Optional[dict] = None) -> str:
+    """The text the template writes in place of a system turn when a conversation has none; "" if it writes none.
+
+    Found by rendering a probe conversation twice, without a system turn and with one whose
+    content is a sentinel: when the first render equals the second with the sentinel replaced
+    by some text, the template added that text (SmolLM2's "You are a helpful AI assistant
+    named SmolLM, ...", Qwen2.5's "You are Qwen, ..."). Text a template writes on every
+    conversation alike (Llama 3.1's date lines) is its fixed markup and gives "".
+    """
+    key = (tokenizer.chat_template, json.dumps(kwargs or {}, sort_keys=True))
+    if key not in _SYSTEM_CACHE:
+        user = [{"role": "user", "content": "Hello there"}]
+        try:
+            bare = render(tokenizer, user, True, kwargs)
+            system = render(tokenizer, [{"role": "system", "content": _SENTINELS[0]}, *user], True, kwargs)
+        except DataError:  # a template without system turns adds none either
+            bare = system = ""
+        added = ""
+        if system.count(_SENTINELS[0]) == 1:
+            head, tail = system.split(_SENTINELS[0])
+            if bare.startswith(head) and bare.endswith(tail) and len(bare) >= len(head) + len(tail):
+                added = bare[len(head) : len(bare) - len(tail)]
+        _SYSTEM_CACHE[key] = added if added.strip() else ""
+    return _SYSTEM_CACHE[key]
+
+
+def template_added_system(tokenizer, prompt: list[dict], prompt_text: str, kwargs: Optional[dict] = None) -> str:
+    """The default system text the template put into this row's rendered prompt, or "" (see :func:`default_system_text`).
+
+    Counted only where the row has no system turn, the rendered prompt holds the text and no
+    message of the row does.
+    """
+    added = default_system_text(tokenizer, kwargs)
+    if not added or any(m["role"] == "system" for m in prompt) or added not in prompt_text:
+        return ""
+    return "" if any(added in m["content"] for m in prompt) else added

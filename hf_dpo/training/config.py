@@ -10,6 +10,7 @@ from typing import Optional, Union
 from transformers import TrainingArguments
 
 from ..common.flags import parse_auto_bool
+from ..data.columns import parse_columns
 from ..losses import LOSS_REGISTRY
 from .trl_names import accept_trl_names
 
@@ -239,6 +240,14 @@ class DPOConfig(TrainingArguments):
             "'{\"enable_thinking\": false}' for Qwen3; a row's own chat_template_kwargs update them for that row."
         },
     )
+    dataset_columns: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={
+            "help": "Column mapping for data in no layout hf_dpo detects, hf_dpo's name -> your column, as a dict or "
+            'a JSON object string, e.g. \'{"prompt": "question", "chosen": "response_j", "rejected": "response_k"}\' '
+            "(docs/data.md)."
+        },
+    )
     router_aux_loss_coef: Optional[float] = field(
         default=None,
         metadata={
@@ -268,6 +277,7 @@ class DPOConfig(TrainingArguments):
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
         self.chat_template_kwargs = _parse_kwargs(self.chat_template_kwargs)
+        self.dataset_columns = parse_columns(self.dataset_columns)
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.beta > 0:

@@ -182,7 +182,7 @@ class NormalizedDPOTrainer(Trainer):
             raise ValueError(f"the {name} data set is not tokenized, so processing_class (the tokenizer) is required")
         with args.main_process_first(desc=f"preparing the {name} data set"):
             if not (isinstance(dataset, datasets.Dataset) and is_canonical(dataset)):
-                dataset = load_preference_dataset(dataset, on_bad_row=args.on_bad_row)
+                dataset = load_preference_dataset(dataset, on_bad_row=args.on_bad_row, columns=args.dataset_columns)
             tokenized, report = tokenize_dataset(
                 dataset,
                 tokenizer,
