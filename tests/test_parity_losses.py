@@ -262,7 +262,9 @@ def test_wpo_with_sft_where_trl_crashes(trainers):
     sums, counts, extras = ours.score(ours.model, our_batch, log_sum_sq=True)
     per_token = (sums - extras["log_sum_sq"]) / counts
     weights = torch.exp(per_token[:N_PAIRS]) * torch.exp(per_token[N_PAIRS:])
-    assert metrics["loss/sft"].item() == pytest.approx(weights.mean().item() * plain_metrics["loss/sft"].item(), rel=1e-6)
+    assert metrics["loss/sft"].item() == pytest.approx(
+        weights.mean().item() * plain_metrics["loss/sft"].item(), rel=1e-6
+    )
     assert weighted == pytest.approx(metrics["loss/sigmoid"].item() + 0.5 * metrics["loss/sft"].item(), rel=1e-6)
     assert abs(weighted - plain) > 1e-3
     trl_rpo, _ = trl_loss(theirs, their_batch, ["sigmoid", "sft"], loss_weights=[1.0, 0.5])

@@ -138,7 +138,6 @@ class LossObjective:
             raise ValueError(
                 f"--f_divergence_type: got {self.f_divergence_type!r}; choose one of {', '.join(F_DIVERGENCES)}"
             )
-        self._check_unread_parameters(specs, names)
         if self.f_divergence_type != DEFAULT_F_DIVERGENCE:
             without = [spec_name for spec_name, spec in zip(self.loss_types, specs) if not spec.f_divergence]
             if without:
@@ -148,6 +147,7 @@ class LossObjective:
                     "chosen-rejected difference. Supported: "
                     + ", ".join(n for n, s in LOSS_REGISTRY.items() if s.f_divergence)
                 )
+        self._check_unread_parameters(specs, names)
         if self.use_weighting and any(name in _SORTING for name in self.loss_types):
             raise ValueError(
                 "--use_weighting (WPO) cannot be used with --loss_type aot or aot_unpaired: they sort the batch, so "
@@ -191,6 +191,11 @@ class LossObjective:
             notes.append(
                 f"--loss_type sigmoid with --label_smoothing {self.label_smoothing} is conservative DPO (cDPO, as "
                 "TRL < 1.0); TRL 1.16's sigmoid ignores label_smoothing"
+            )
+        if "ipo" in self.loss_types and not self.length_normalize:
+            notes.append(
+                "--loss_type ipo with --length_normalize false is IPO on summed log-ratios (the IPO paper's form); "
+                "TRL 1.16's ipo is always per token, which is --length_normalize true here"
             )
         if "exo_pair" in self.loss_types and self.label_smoothing is None:
             notes.append("exo_pair: label_smoothing 1e-3 (the EXO paper's value; TRL 1.16 requires it to be set)")
