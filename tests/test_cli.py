@@ -441,12 +441,13 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
 
 
 def documented_commands():
-    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the README's and docs/usage.md's bash blocks, as argument lists."""
+    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the bash blocks of the README, docs/usage.md and
+    docs/loss.md, as argument lists."""
     import re
     import shlex
 
     commands = []
-    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
+    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md", ROOT / "docs" / "loss.md"):
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#")[0].strip()

@@ -219,3 +219,13 @@ def test_gradcheck_wrt_policy_logps(loss_type, kwargs):
     policy_chosen = t(-0.9, -0.5, -1.2, -1.6).requires_grad_()
     policy_rejected = t(-1.4, -0.7, -1.9, -0.8).requires_grad_()
     assert torch.autograd.gradcheck(fn, (policy_chosen, policy_rejected), eps=1e-6, atol=1e-7)
+
+
+def test_docs_table_has_every_registered_loss():
+    """docs/loss.md's table: one row per registered loss, named as the registry (TRL's names) names it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "loss.md").read_text(encoding="utf-8")
+    table = text.split("## The variants")[1].split("\n## ")[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")][1:]  # not the header
+    assert [row.split("`")[1] for row in rows] == list(LOSS_REGISTRY)
