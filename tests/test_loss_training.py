@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     return tokenizer, model, first.train_dataset
 
 
-def args_for(output_dir, loss_type) -> DPOConfig:
+def args_for(output_dir, loss_type, **overrides) -> DPOConfig:
     return DPOConfig(
         output_dir=str(output_dir),
         loss_type=loss_type,
@@ -58,6 +58,7 @@ def args_for(output_dir, loss_type) -> DPOConfig:
         lr_scheduler_type="constant",
         warmup_steps=0,
         seed=0,
+        **overrides,
     )
 
 
@@ -110,3 +111,36 @@ def test_a_weighted_list_through_the_command_logs_each_term(tmp_path):
     assert evals[0]["eval_loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == reference
     card = (output_dir / "README.md").read_text()
     assert "| loss_weights | 1, 0.5 |" in card and "sft: NLL of the chosen answers" in card
+
+
+def test_wpo_with_a_precomputed_reference_equals_the_live_reference(setup, tmp_path):
+    """WPO weighs pairs by the policy alone, so cached reference sums serve it: the same per-pair losses."""
+    import torch
+
+    tokenizer, model, train_dataset = setup
+    policy = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(0)))
+    results = {}
+    for precompute in (False, True):
+        args = args_for(
+            tmp_path / str(precompute),
+            "sigmoid",
+            use_weighting=True,
+            precompute_ref_logps=precompute,
+            ref_logps_cache_dir="",
+        )
+        trainer = NormalizedDPOTrainer(
+            model=copy.deepcopy(policy),
+            ref_model=copy.deepcopy(model),
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=tokenizer,
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        assert ("ref_chosen_logp_sums" in batch) == precompute
+        with torch.no_grad():
+            results[precompute] = trainer.pair_losses(trainer.model, batch)[0]
+    torch.testing.assert_close(results[True], results[False], rtol=1e-6, atol=1e-7)
+    assert (results[False] - math.log(2)).abs().max() > 1e-3  # informative: WPO weights and a moved policy
