@@ -310,7 +310,15 @@ def test_trl_command_line_runs_with_the_aliases(hf_dpo_command, tmp_path):
     header = card_header(output_dir / "README.md")
     assert header["datasets"] == [HUB_ROWS]
     text = (output_dir / "README.md").read_text()
-    assert "| sft_weight | 0.5 |" in text and "log-probs precomputed" in text and "| length_normalize | True" in text
+    assert (
+        "| loss_weights | 1, 0.5 |" in text and "log-probs precomputed" in text and "| length_normalize | True" in text
+    )
+    assert "sigmoid_norm: DPO on per-token log-ratios" in text and "sft: NLL of the chosen answers" in text
+    # TRL < 1.0's rpo_alpha is said once, as what it became.
+    assert proc.stderr.count("--rpo_alpha 0.5 (TRL < 1.0) -> --loss_type sigmoid_norm sft --loss_weights 1 0.5") == 1
+    logged = [e for e in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    for entry in logged:  # each term logged, and the loss is their weighted sum
+        assert entry["loss"] == pytest.approx(entry["loss/sigmoid_norm"] + 0.5 * entry["loss/sft"], abs=1e-4)
 
 
 def test_trl_aliases_translate_and_refuse():
@@ -320,28 +328,46 @@ def test_trl_aliases_translate_and_refuse():
     assert translate_argv(["--dataset_name", "x", "--rpo_alpha=0.3", "--dataset-test-split", "test"]) == [
         "--dataset",
         "x",
-        "--sft_weight",
-        "0.3",
         "--eval_dataset_split",
         "test",
+        "--loss_type",
+        "sigmoid",
+        "sft",
+        "--loss_weights",
+        "1.0",
+        "0.3",
     ]
-    assert translate_argv(["--loss_type", "sigmoid_norm"]) == ["--loss_type", "sigmoid", "--length_normalize", "True"]
+    # rpo_alpha joins the loss list the command gives, wherever the flags are.
+    assert translate_argv(["--rpo_alpha", "0.5", "--loss_type", "ipo", "bco_pair", "--loss_weights", "1", "2"]) == [
+        *["--loss_type", "ipo", "bco_pair", "sft", "--loss_weights", "1.0", "2.0", "0.5"]
+    ]
+    assert translate_argv(["--rpo_alpha", "None"]) == []  # TRL's "off"
+    with pytest.raises(ValueError, match="loss_type already has sft"):
+        translate_argv(["--loss_type", "sigmoid", "sft", "--rpo_alpha", "0.5"])
+    # TRL 1.16's loss names, lists and options are ours: they pass through unchanged.
+    for argv in (
+        ["--loss_type", "sigmoid_norm"],
+        ["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"],
+        ["--use_weighting", "true", "--ld_alpha", "0.5", "--f_divergence_type", "js_divergence"],
+        ["--discopop_tau", "0.1", "--f_alpha_divergence_coef", "0.3"],
+    ):
+        assert translate_argv(argv) == argv
     assert translate_argv(["--sync_ref_model", "false"]) == []  # TRL's "off": nothing changes
     with pytest.raises(ValueError, match="sync_ref_model true is TRL's.*TR-DPO"):
         translate_argv(["--sync_ref_model", "true"])
     with pytest.raises(ValueError, match="max_completion_length 256.*--max_length"):
         translate_argv(["--max_completion_length", "256"])
-    with pytest.raises(ValueError, match="implies --length_normalize True"):
-        translate_argv(["--loss_type", "sigmoid_norm", "--length_normalize", "false"])
     args = DPOConfig(
         output_dir="unused", precompute_ref_log_probs=True, rpo_alpha=0.2, loss_type="sigmoid_norm", report_to="none"
     )
-    assert (args.precompute_ref_logps, args.sft_weight, args.loss_type, args.length_normalize) == (
+    assert (args.precompute_ref_logps, args.loss_type, args.loss_weights, args.sft_weight) == (
         True,
-        0.2,
-        "sigmoid",
-        True,
+        ["sigmoid_norm", "sft"],
+        [1.0, 0.2],
+        0.0,
     )
+    config = DPOConfig(output_dir="unused", loss_type=["sigmoid", "sft"], loss_weights=[1, 0.5], report_to="none")
+    assert (config.loss_type, config.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])  # TRL's list: no TypeError
     with pytest.raises(ValueError, match="reference_free=True.*simpo"):
         DPOConfig(output_dir="unused", reference_free=True)
 
@@ -415,12 +441,13 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
 
 
 def documented_commands():
-    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the README's and docs/usage.md's bash blocks, as argument lists."""
+    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the bash blocks of the README, docs/usage.md and
+    docs/loss.md, as argument lists."""
     import re
     import shlex
 
     commands = []
-    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md"):
+    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md", ROOT / "docs" / "loss.md"):
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#")[0].strip()

@@ -15,12 +15,12 @@ def test_defaults(tmp_path):
     assert args.length_normalize is True
     assert args.remove_unused_columns is False
     assert (args.loss_type, args.completion_turns, args.reference, args.on_bad_row) == (
-        "sigmoid",
+        ["sigmoid"],
         "last",
         "auto",
         "error",
     )
-    assert (args.max_length, args.max_prompt_length, args.label_smoothing, args.sft_weight) == (1024, 512, 0.0, 0.0)
+    assert (args.max_length, args.max_prompt_length, args.label_smoothing, args.sft_weight) == (1024, 512, None, 0.0)
 
 
 def test_training_defaults_are_dpo_ones_not_supervised_ones(tmp_path):
@@ -73,7 +73,11 @@ def test_beta_default_follows_length_normalize(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"loss_type": "dpo"}, "--loss_type: got 'dpo'; choose one of sigmoid, robust, ipo, hinge, simpo"),
+        ({"loss_type": "dpo"}, "--loss_type: got 'dpo'; choose one of " + ", ".join(LOSS_REGISTRY)),
+        ({"loss_type": ["sigmoid", "dpo"]}, "--loss_type: got 'dpo'; choose one of sigmoid, hinge, ipo"),
+        ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "--loss_weights: 1 weights for 2 loss types"),
+        ({"loss_type": "bco_pair", "f_divergence_type": "forward_kl"}, "is not defined for --loss_type bco_pair"),
+        ({"ld_alpha": 0.5, "precompute_ref_logps": True}, "--ld_alpha cannot be used with --precompute_ref_logps"),
         ({"completion_turns": "first"}, "--completion_turns: got 'first'; choose one of last, all"),
         ({"reference": "frozen"}, "--reference: got 'frozen'; choose one of auto, model, adapter, none"),
         ({"on_bad_row": "ignore"}, "--on_bad_row: got 'ignore'; choose one of error, skip"),
@@ -106,7 +110,30 @@ def test_bad_values_name_flag_and_value(tmp_path, kwargs, message):
 
 def test_reference_free_loss_accepts_no_reference(tmp_path):
     args = DPOConfig(output_dir=str(tmp_path), loss_type="simpo", reference="none")
-    assert (args.loss_type, args.reference) == ("simpo", "none")
+    assert (args.loss_type, args.reference) == (["simpo"], "none")
+    nll_only = DPOConfig(output_dir=str(tmp_path), loss_type="sft", reference="none")  # sft needs no reference
+    assert nll_only.loss_type == ["sft"]
+
+
+def test_a_loss_list_from_python_and_from_flags(tmp_path):
+    """TRL's semantics: a string is a one-element list; one weight per loss, 1 each when not given."""
+    args = DPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1, 0.5])
+    assert (args.loss_type, args.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+    (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"]
+    )
+    assert (parsed.loss_type, parsed.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+    # TRL's remaining options are fields of the same names.
+    (parsed,) = HfArgumentParser(DPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--loss_type", "apo_zero", "--use_weighting", "true", "--ld_alpha", "0.5"]
+    )
+    assert (parsed.loss_type, parsed.use_weighting, parsed.ld_alpha, parsed.beta) == (["apo_zero"], True, 0.5, 2.0)
+
+
+def test_beta_default_is_per_token_for_a_list_of_per_token_losses(tmp_path):
+    """sigmoid_norm is always per token: even with length_normalize false its default beta is the per-token one."""
+    assert DPOConfig(output_dir=str(tmp_path), loss_type="sigmoid_norm", length_normalize=False).beta == 2.0
+    assert DPOConfig(output_dir=str(tmp_path), loss_type="sigmoid", length_normalize=False).beta == 0.1
 
 
 def test_every_dpo_field_has_help():
@@ -141,7 +168,7 @@ def test_hf_argument_parser_parses_dpo_flags(tmp_path):
             "skip",
         ]
     )
-    assert (args.loss_type, args.beta, args.length_normalize, args.completion_turns) == ("ipo", 0.5, False, "all")
+    assert (args.loss_type, args.beta, args.length_normalize, args.completion_turns) == (["ipo"], 0.5, False, "all")
     assert (args.max_length, args.max_prompt_length, args.on_bad_row, args.beta_is_default) == (64, 32, "skip", False)
     (args,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--length_normalize", "False"])
     assert args.beta == 0.1 and args.beta_is_default

@@ -292,7 +292,7 @@ def test_yaml_and_json_config_files_equal_the_flags(train_module, tmp_path):
 def test_flags_override_the_config_file_and_demo_defaults_apply_only_to_the_demo(train_module, tmp_path):
     (tmp_path / "run.yaml").write_text(YAML)
     _, _, args = train_module.parse_args([str(tmp_path / "run.yaml"), "--beta", "7", "--output_dir", "elsewhere"])
-    assert (args.beta, args.output_dir, args.loss_type) == (7.0, "elsewhere", "ipo")
+    assert (args.beta, args.output_dir, args.loss_type) == (7.0, "elsewhere", ["ipo"])
 
     script_args, model_args, demo_args = train_module.parse_args([])
     assert model_args.model_name_or_path is None and script_args.torch_num_threads == 1
@@ -303,6 +303,18 @@ def test_flags_override_the_config_file_and_demo_defaults_apply_only_to_the_demo
     script_args, _, real_args = train_module.parse_args(["--model_name_or_path", "some/model"])
     assert (real_args.output_dir, real_args.learning_rate, real_args.max_length) == ("trainer_output", 5e-5, 1024)
     assert script_args.torch_num_threads is None
+
+
+def test_a_loss_list_in_yaml_equals_the_flags(train_module, tmp_path):
+    """TRL's list syntax in a config file (``loss_type: [sigmoid, sft]``) and on the command line."""
+    (tmp_path / "list.yaml").write_text("loss_type: [sigmoid, sft]\nloss_weights: [1, 0.5]\n")
+    _, _, from_yaml = train_module.parse_args([str(tmp_path / "list.yaml")])
+    _, _, from_flags = train_module.parse_args(["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "0.5"])
+    assert from_yaml.loss_type == from_flags.loss_type == ["sigmoid", "sft"]
+    assert from_yaml.loss_weights == from_flags.loss_weights == [1.0, 0.5]
+    (tmp_path / "rpo.yaml").write_text("rpo_alpha: 0.5\n")  # TRL < 1.0's RPO, mapped to the same list
+    _, _, from_rpo = train_module.parse_args([str(tmp_path / "rpo.yaml")])
+    assert (from_rpo.loss_type, from_rpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
 
 
 def test_unknown_config_key_is_refused_by_name(train_module, tmp_path):

@@ -480,7 +480,7 @@ def test_plain_training_arguments_are_converted(tokenizer, rows, tmp_path):
     converted = trainer.args
     assert isinstance(converted, DPOConfig)
     # DPO defaults filled in; the collator's columns survive although the user asked to remove unused ones.
-    assert converted.beta == 2.0 and converted.length_normalize and converted.loss_type == "sigmoid"
+    assert converted.beta == 2.0 and converted.length_normalize and converted.loss_type == ["sigmoid"]
     assert converted.remove_unused_columns is False
     for name in (
         "learning_rate",

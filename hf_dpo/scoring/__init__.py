@@ -2,7 +2,8 @@
 
 ``batch`` (:func:`score_batch`, any layout), ``logprobs`` (log-probs from logits, sums in
 float64, the per-token mean), ``projection`` (the response-only projection that never stores
-logits) and ``head`` (whether a model's logit head is a plain projection).
+logits), ``head`` (whether a model's logit head is a plain projection) and ``extras`` (per-sequence
+quantities some losses ask for: WPO's ``log sum p^2``, LD-DPO's prefix sums).
 """
 
 from .batch import score_batch

@@ -13,6 +13,8 @@ than a ``(2B, T, V)`` log-softmax.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 Tensor = torch.Tensor
@@ -38,14 +40,33 @@ def token_logps_from_logits(logits: Tensor, targets: Tensor, chunk_size: int = D
     Returns:
         ``(M,)`` fp32 log-probs ``logits[m, targets[m]] - logsumexp(logits[m])``.
     """
-    pieces = []
+    return token_logps_and_log_sum_sq(logits, targets, chunk_size, with_log_sum_sq=False)[0]
+
+
+def log_sum_sq_probs(logits: Tensor, log_normalizer: Tensor) -> Tensor:
+    """``log sum_v softmax(logits)_v^2`` per row (WPO's weights), from ``(c, V)`` fp32 logits and their ``(c,)``
+    logsumexp: ``logsumexp(2 z) - 2 logsumexp(z)``."""
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * log_normalizer
+
+
+def token_logps_and_log_sum_sq(
+    logits: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, with_log_sum_sq: bool = True
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`token_logps_from_logits`, and from the same chunks ``(M,)`` ``log sum_v p_v^2`` without gradient
+    (None unless ``with_log_sum_sq``)."""
+    pieces, squares = [], []
     for start in range(0, logits.shape[0], chunk_size):
         chunk = logits[start : start + chunk_size].float()  # (c, V)
         target_logits = chunk.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)  # (c,)
-        pieces.append(target_logits - torch.logsumexp(chunk, dim=-1))
+        log_normalizer = torch.logsumexp(chunk, dim=-1)  # (c,)
+        pieces.append(target_logits - log_normalizer)
+        if with_log_sum_sq:
+            with torch.no_grad():
+                squares.append(log_sum_sq_probs(chunk.detach(), log_normalizer.detach()))
     if not pieces:
-        return logits.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty, (empty if with_log_sum_sq else None)
+    return torch.cat(pieces), (torch.cat(squares) if with_log_sum_sq else None)
 
 
 def response_logp_sums(

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .logprobs import log_sum_sq_probs
+
 Tensor = torch.Tensor
 
 
@@ -33,7 +35,8 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 class LinearTokenLogps(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T + bias)[m, targets[m]]`` per row, chunked, recomputed in backward.
 
-    Forward keeps only the fp32 log-sum-exp ``(M,)`` besides the inputs; backward
+    Forward keeps only the fp32 log-sum-exp ``(M,)`` besides the inputs (and, with ``with_log_sum_sq``,
+    returns WPO's ``log sum_v p_v^2`` per row from the same chunks, without gradient); backward
     recomputes each ``(chunk, V)`` block of logits, turns it into the logits'
     gradient ``grad * (onehot - softmax)`` and accumulates the weight gradient in fp32.
     The matmuls run in the autocast dtype when autocast is on (explicit casts, so
@@ -42,13 +45,20 @@ class LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_size: int
-    ) -> Tensor:
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        targets: Tensor,
+        chunk_size: int,
+        with_log_sum_sq: bool = False,
+    ) -> tuple[Tensor, Tensor]:
         dtype = _compute_dtype(hidden)
         accumulate = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         n_rows = hidden.shape[0]
         lse = torch.empty(n_rows, dtype=accumulate, device=hidden.device)  # (M,)
         target_logits = torch.empty(n_rows, dtype=accumulate, device=hidden.device)  # (M,)
+        log_sum_sq = torch.empty(n_rows if with_log_sum_sq else 0, dtype=accumulate, device=hidden.device)  # (M,)
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
             for start in range(0, n_rows, chunk_size):
@@ -57,12 +67,15 @@ class LinearTokenLogps(torch.autograd.Function):
                 logits = nn.functional.linear(hidden[rows].to(dtype), w, b).to(accumulate)  # (c, V)
                 lse[rows] = torch.logsumexp(logits, dim=-1)
                 target_logits[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1)
+                if with_log_sum_sq:
+                    log_sum_sq[rows] = log_sum_sq_probs(logits, lse[rows])
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size, ctx.dtype = chunk_size, dtype
-        return target_logits - lse
+        ctx.mark_non_differentiable(log_sum_sq)
+        return target_logits - lse, log_sum_sq
 
     @staticmethod
-    def backward(ctx, grad_logps: Tensor):
+    def backward(ctx, grad_logps: Tensor, _grad_log_sum_sq: Tensor):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dtype = ctx.dtype
@@ -93,7 +106,7 @@ class LinearTokenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def linear_token_logps(
@@ -101,13 +114,29 @@ def linear_token_logps(
 ) -> Tensor:
     """fp32 log-prob ``(M,)`` of each target under the logits ``hidden @ weight.T + bias``.
 
+    :func:`linear_token_logps_and_log_sum_sq` also returns WPO's ``log sum_v p_v^2`` from the same chunks.
+
     Args:
         hidden: ``(M, H)`` last hidden states (after the final norm) at the predicting positions.
         weight: ``(V, H)`` output embedding; ``bias``: ``(V,)`` or None.
         targets: ``(M,)`` token ids.
         chunk_size: rows per projected chunk; bounds the temporaries at ``(chunk_size, V)`` fp32.
     """
+    return linear_token_logps_and_log_sum_sq(hidden, weight, bias, targets, chunk_size, with_log_sum_sq=False)[0]
+
+
+def linear_token_logps_and_log_sum_sq(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    targets: Tensor,
+    chunk_size: int = 1024,
+    with_log_sum_sq: bool = True,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`linear_token_logps` and ``(M,)`` ``log sum_v p_v^2`` (no gradient; None unless ``with_log_sum_sq``)."""
     if hidden.shape[0] == 0:
         # Keep the graph connected so that backward() still reaches the parameters.
-        return (hidden.sum() * 0).float().expand(0)
-    return LinearTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
+        empty = (hidden.sum() * 0).float().expand(0)
+        return empty, (empty.detach() if with_log_sum_sq else None)
+    logps, log_sum_sq = LinearTokenLogps.apply(hidden, weight, bias, targets, chunk_size, with_log_sum_sq)
+    return logps, (log_sum_sq if with_log_sum_sq else None)

@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 from ..common.flags import parse_auto_bool
 from ..data.columns import parse_columns
-from ..losses import LOSS_REGISTRY
+from ..losses import F_DIVERGENCES, LOSS_REGISTRY, LossObjective, as_loss_types, loss_type_help
 from .trl_names import accept_trl_names
 
 REFERENCE_CHOICES = ("auto", "model", "adapter", "none")
@@ -46,35 +46,72 @@ class DPOConfig(TrainingArguments):
             f"{DEFAULT_BETA_SUM} for summed log-probs."
         },
     )
-    loss_type: str = field(
-        default="sigmoid",
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": loss_type_help(), "choices": list(LOSS_REGISTRY)},
+    )
+    loss_weights: Optional[list[float]] = field(
+        default=None,
         metadata={
-            "help": _choices_help(
-                "Preference loss. "
-                + "; ".join(f"{name}: {spec.description}" for name, spec in LOSS_REGISTRY.items())
-                + ".",
-                LOSS_REGISTRY,
-            ),
-            "choices": list(LOSS_REGISTRY),
+            "help": "One weight per --loss_type (TRL's loss_weights): loss = sum of weight * loss; default 1 each, "
+            "not normalized. E.g. --loss_type sigmoid sft --loss_weights 1 0.5."
         },
     )
     length_normalize: bool = field(
         default=True,
         metadata={
-            "help": "Compare the mean log-prob per response token (True) instead of the sum (False, classic DPO)."
+            "help": "Compare the mean log-prob per response token (True) instead of the sum (False, classic DPO and "
+            "TRL's default), in every loss of the list (sigmoid_norm is always per token, sft always a token mean)."
         },
     )
-    label_smoothing: float = field(
-        default=0.0,
+    label_smoothing: Optional[float] = field(
+        default=None,
         metadata={
-            "help": "Assumed probability that a preference label is flipped (cDPO for sigmoid, robust DPO); in [0, 0.5)."
+            "help": "Assumed probability that a preference label is flipped, in [0, 0.5): cDPO for sigmoid, robust "
+            "DPO, EXO's epsilon (exo_pair, default 1e-3), aot. Default: each loss's own (0 except exo_pair)."
         },
     )
     simpo_gamma: float = field(
         default=0.5, metadata={"help": "Target reward margin of the simpo loss, in reward units."}
     )
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "Temperature of the discopop loss's modulation sigmoid(beta*m/tau)."}
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": _choices_help(
+                "f-DPO: the divergence whose f'(pi/pi_ref) replaces the log-ratio in sigmoid, sigmoid_norm, hinge, "
+                "ipo, exo_pair, robust and discopop (docs/loss.md).",
+                F_DIVERGENCES,
+            ),
+            "choices": list(F_DIVERGENCES),
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={"help": "alpha of f_divergence_type alpha_divergence, (u^(alpha-1) - 1)/(alpha - 1) (TRL 1.16's)."},
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "WPO: weight each pair's loss by the policy's length-normalized probability of both responses "
+            "(Zhou et al. 2024), for off-policy preference data."
+        },
+    )
+    ld_alpha: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO, in [0, 1]: response tokens past the shorter response's length count ld_alpha times in the "
+            "log-probs of policy and reference (1: plain sums, 0: both cut to the shorter length)."
+        },
+    )
     sft_weight: float = field(
-        default=0.0, metadata={"help": "Weight of an added per-token NLL term on the chosen response (0 turns it off)."}
+        default=0.0,
+        metadata={
+            "help": "Weight of an added per-token NLL of the chosen response, averaged per pair (0 turns it off); "
+            "TRL's token mean over the batch is --loss_type ... sft."
+        },
     )
     max_length: Optional[int] = field(
         default=1024, metadata={"help": "Longest prompt + response in tokens; responses are cut from the right to fit."}
@@ -269,9 +306,16 @@ class DPOConfig(TrainingArguments):
         self.beta_is_default = self.beta is None
         self.padding_free = parse_auto_bool("padding_free", self.padding_free)
         self.share_prompt = parse_auto_bool("share_prompt", self.share_prompt)
+        self.loss_type = list(as_loss_types(self.loss_type))
+        for name in self.loss_type:
+            _check_choice("loss_type", name, LOSS_REGISTRY)
+        if self.loss_weights is not None:
+            self.loss_weights = [float(weight) for weight in self.loss_weights]
         if self.beta is None:
-            self.beta = DEFAULT_BETA_MEAN if self.length_normalize else DEFAULT_BETA_SUM
-        _check_choice("loss_type", self.loss_type, LOSS_REGISTRY)
+            per_token = LossObjective.from_config(self).per_token
+            self.beta = DEFAULT_BETA_MEAN if per_token else DEFAULT_BETA_SUM
+        objective = LossObjective.from_config(self)
+        objective.check(precompute_ref_logps=self.precompute_ref_logps)
         _check_choice("completion_turns", self.completion_turns, COMPLETION_TURNS_CHOICES)
         _check_choice("reference", self.reference, REFERENCE_CHOICES)
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
@@ -280,16 +324,6 @@ class DPOConfig(TrainingArguments):
         self.dataset_columns = parse_columns(self.dataset_columns)
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
-        if not self.beta > 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and not LOSS_REGISTRY[self.loss_type].uses_label_smoothing:
-            raise ValueError(
-                f"--label_smoothing {self.label_smoothing} has no effect with --loss_type {self.loss_type}; set it to 0"
-            )
-        if self.sft_weight < 0:
-            raise ValueError(f"--sft_weight must be >= 0, got {self.sft_weight}")
         for name in (
             "max_length",
             "max_prompt_length",
@@ -318,16 +352,13 @@ class DPOConfig(TrainingArguments):
                 f"--max_prompt_length ({self.max_prompt_length}) must be below --max_length ({self.max_length}) "
                 "to leave room for the response"
             )
-        if self.reference == "none" and LOSS_REGISTRY[self.loss_type].needs_reference:
-            raise ValueError(
-                f"--reference none cannot be used with --loss_type {self.loss_type}, which needs a reference"
-            )
-        if self.precompute_ref_logps and (
-            self.reference == "none" or not LOSS_REGISTRY[self.loss_type].needs_reference
-        ):
+        losses = " ".join(self.loss_type)
+        if self.reference == "none" and objective.needs_reference:
+            raise ValueError(f"--reference none cannot be used with --loss_type {losses}, which needs a reference")
+        if self.precompute_ref_logps and (self.reference == "none" or not objective.needs_reference):
             raise ValueError(
                 f"--precompute_ref_logps has no reference to precompute with --reference {self.reference} "
-                f"and --loss_type {self.loss_type}"
+                f"and --loss_type {losses}"
             )
         super().__post_init__()
 

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 
 from ..common.columns import REF_LOGP_COLUMNS
 from ..common.models import dropout_rates, float_dtype, unwrap
-from ..losses import get_loss, preference_loss
+from ..losses import LossObjective, as_loss_types
 
 logger = logging.getLogger(__name__)
 
@@ -73,24 +73,12 @@ def nonfinite_loss_message(
 def initial_loss(args) -> Optional[float]:
     """The loss of a policy equal to its reference (all log-ratios zero), or None when it cannot be predicted.
 
-    ln 2 for ``sigmoid`` and ``robust`` (any label smoothing), 1 for ``hinge``,
-    ``(1 / (2 beta))^2`` for ``ipo``. None for reference-free losses and when an
-    SFT term (which depends on the data) is added.
+    ln 2 for ``sigmoid``, ``robust``, ``aot`` (any label smoothing), 1 for ``hinge`` and the APO losses,
+    ``(1 / (2 beta))^2`` for ``ipo``, ... and the weighted sum for a list
+    (:meth:`hf_dpo.losses.LossObjective.loss_at_zero`). None for reference-free losses, with WPO weights
+    and when an SFT term (which depends on the data) is part of the loss.
     """
-    if not get_loss(args.loss_type).needs_reference or args.sft_weight:
-        return None
-    zero = torch.zeros(1, dtype=torch.float64)
-    losses, _, _ = preference_loss(
-        zero,
-        zero,
-        zero,
-        zero,
-        args.loss_type,
-        beta=args.beta,
-        label_smoothing=args.label_smoothing,
-        simpo_gamma=args.simpo_gamma,
-    )
-    return float(losses[0])
+    return LossObjective.from_config(args).loss_at_zero()[0]
 
 
 def active_dropout(model: nn.Module) -> list[str]:
@@ -151,13 +139,14 @@ def likely_causes(policy: nn.Module, reference: Optional[nn.Module], mode: str, 
     return causes
 
 
-def first_step_message(loss: float, expected: float, loss_type: str, causes: list[str]) -> str:
+def first_step_message(loss: float, expected: float, loss_type, causes: list[str]) -> str:
     """The warning text for a first-step loss that is not the loss at zero log-ratio."""
     target = f"ln 2 = {LN2:.4f}" if math.isclose(expected, LN2, rel_tol=1e-9) else f"{expected:.4f}"
     listed = " ".join(f"({i}) {cause};" for i, cause in enumerate(causes, start=1))
     return (
         f"SELF-CHECK FAILED at the first training step: the loss is {loss:.4f}, but a policy identical to its "
-        f"reference gives {target} ({loss_type} loss, tolerance {FIRST_STEP_RTOL:.1%}). The policy and the "
+        f"reference gives {target} ({' + '.join(as_loss_types(loss_type))} loss, tolerance "
+        f"{FIRST_STEP_RTOL:.1%}). The policy and the "
         f"reference differ at the start, so every reward is measured from a wrong baseline. Likely causes: {listed}"
     )
 

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 from huggingface_hub import ModelCardData
 
-from ..losses import LOSS_REGISTRY
+from ..losses import LossObjective
 
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
@@ -97,9 +97,10 @@ def _table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> list[str]:
 
 def dpo_settings(args, reference_mode: str) -> list[tuple[str, Any]]:
     """The settings that decide what DPO optimized, as (name, value) rows."""
-    spec = LOSS_REGISTRY[args.loss_type]
+    objective = LossObjective.from_config(args)
+    loss_rows = objective.card_rows()  # loss_type (with each loss's formula from the registry) and its settings
     rows = [
-        ("loss_type", f"{args.loss_type}: {spec.description}"),
+        loss_rows[0],
         ("beta", args.beta),
         (
             "length_normalize",
@@ -113,13 +114,8 @@ def dpo_settings(args, reference_mode: str) -> list[tuple[str, Any]]:
         ("max_length", args.max_length),
         ("max_prompt_length", args.max_prompt_length),
         ("completion_turns", args.completion_turns),
+        *loss_rows[1:],
     ]
-    if args.label_smoothing:
-        rows.append(("label_smoothing", args.label_smoothing))
-    if args.loss_type == "simpo":
-        rows.append(("simpo_gamma", args.simpo_gamma))
-    if args.sft_weight:
-        rows.append(("sft_weight", args.sft_weight))
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     rows += [("learning_rate", args.learning_rate), ("global batch (pairs)", global_batch), ("seed", args.seed)]
     return rows

@@ -24,7 +24,7 @@ from ..layouts import LayoutCheck, build_collator, choose_layouts, default_pad_t
 from ..layouts.attention import require_4d_mask_attention
 from ..layouts.choice import log_choice
 from ..layouts.grouping import add_length_column, wants_length_grouping
-from ..losses import LOSS_REGISTRY, preference_loss, sft_nll
+from ..losses import LossObjective, objective_losses
 from ..reference import build_reference_model, prepare_reference, reference_logp_sums, resolve_reference_mode
 from ..reference.cache import (
     cache_settings,
@@ -34,7 +34,7 @@ from ..reference.cache import (
     reference_sums_for,
     with_reference_columns,
 )
-from ..scoring import score_batch, sequence_logps
+from ..scoring import score_batch
 from ..tokenization import tokenize_dataset
 from .checkpoints import resolve_resume_checkpoint
 from .config import DPOConfig, as_dpo_config
@@ -91,7 +91,8 @@ class NormalizedDPOTrainer(Trainer):
                 model.enable_input_require_grads()
         if args.disable_dropout:
             disable_dropout(model)
-        needs_reference = LOSS_REGISTRY[args.loss_type].needs_reference
+        self.objective = LossObjective.from_config(args)  # the weighted list of losses and their settings
+        needs_reference = self.objective.needs_reference
         self.reference_mode = resolve_reference_mode(model, ref_model, args.reference, needs_reference)
         self.ref_model = build_reference_model(model, ref_model, self.reference_mode)
         if args.share_prompt is True:
@@ -145,6 +146,8 @@ class NormalizedDPOTrainer(Trainer):
         self.guards = TrainingGuards(args, self.accelerator, self.reference_mode, lambda: self.ref_model, self._where)
         self.add_callback(self.guards)  # non-finite loss, first-step ln 2 check
         warn_about_settings(args, self.model)
+        for note in self.objective.notes():  # where a TRL name means something else here
+            logger.warning(note)
         self.add_callback(EngineCheck(launch.engine, lambda: (self.model_wrapped, self.model)))
         if self.ref_model is not None:
             self.ref_model = prepare_reference(self.ref_model, self.accelerator)  # sharded like the policy
@@ -289,12 +292,21 @@ class NormalizedDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
-    def score(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Response log-prob sums and token counts, each ``(2B,)``, of ``batch`` under ``model``.
+    def score(self, model: nn.Module, batch: dict[str, torch.Tensor], **extras):
+        """Response log-prob sums and token counts, each ``(2B,)``, of ``batch`` under ``model`` (and the extras a
+        loss asks for, as a dict: :func:`hf_dpo.scoring.score_batch`).
 
         The seam where faster scoring paths plug in; policy and reference share it.
         """
-        return score_batch(model, batch, self.args.logprob_chunk_size, self.response_only_logits)
+        return score_batch(model, batch, self.args.logprob_chunk_size, self.response_only_logits, **extras)
+
+    def _reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        """The reference's sequence log-probs as the losses compare them (LD-weighted with ld_alpha), and counts."""
+        extras = self.objective.score_extras(batch, reference=True)
+        if not extras:
+            return self.score(model, batch)
+        sums, counts, scored = self.score(model, batch, **extras)
+        return self.objective.sequence_logps(sums, scored), counts
 
     def _scored_models(self, model: nn.Module) -> dict[str, nn.Module]:
         models = {"policy": model}
@@ -307,43 +319,17 @@ class NormalizedDPOTrainer(Trainer):
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], dict[str, torch.Tensor]]:
         """Per-pair losses ``(B,)``, the MoE router term (a scalar added once to their mean, or None) and the
         batch's metrics (scalars) for ``batch``."""
-        args = self.args
         batch = self.layout_check(self._scored_models(model), batch)  # once per model: packed == padded numbers
         with self.router_aux.capture():  # the policy's router logits, never the reference's
-            policy_sums, counts = self.score(model, batch)  # (2B,), (2B,)
+            policy = self.score(model, batch, **self.objective.score_extras(batch))  # (2B,) sums, counts[, extras]
         aux_loss = self.router_aux.loss(batch)
-        ref_sums = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self.score)
-        n_pairs = counts.shape[0] // 2
-        policy_logps = sequence_logps(policy_sums, counts, args.length_normalize)  # (2B,)
-        ref_logps = None if ref_sums is None else sequence_logps(ref_sums, counts, args.length_normalize)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            policy_logps[:n_pairs],
-            policy_logps[n_pairs:],
-            None if ref_logps is None else ref_logps[:n_pairs],
-            None if ref_logps is None else ref_logps[n_pairs:],
-            loss_type=args.loss_type,
-            beta=args.beta,
-            label_smoothing=args.label_smoothing,
-            simpo_gamma=args.simpo_gamma,
-        )
-        if args.sft_weight:
-            losses = losses + args.sft_weight * sft_nll(policy_sums[:n_pairs], counts[:n_pairs])
+        ref_logps = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self._reference_logps)
+        if self.objective.ld_alpha is not None and REF_LOGP_COLUMNS[0] in batch:
+            raise ValueError("--ld_alpha needs per-token reference log-probs, but the data carries cached sums")
+        sums, counts, *extras = policy
+        out = objective_losses(self.objective, sums, counts, ref_logps, *extras)  # hf_dpo/losses/combination.py
         # Sums and means ran in float64 for accuracy; Trainer, GradScaler and DeepSpeed expect an fp32 loss.
-        losses = losses.float()
-        detached = policy_logps.detach()
-        metrics = {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            # Exact ties (policy == reference at step 0) count half: no preference scores chance, 0.5, not 0.
-            "rewards/accuracies": (
-                (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
-            ).mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": detached[:n_pairs].mean(),
-            "logps/rejected": detached[n_pairs:].mean(),
-            "lengths/chosen": counts[:n_pairs].float().mean(),
-            "lengths/rejected": counts[n_pairs:].float().mean(),
-        }
+        losses, metrics = out.losses.float(), out.metrics
         aux_term = None
         if aux_loss is not None:
             metrics["aux_loss"] = aux_loss.detach()

@@ -6,16 +6,23 @@ One table, :data:`ALIASES` and :data:`REFUSED`, serves the command line
 the ``--help`` epilog and docs/usage.md. The names come from TRL's ``DPOConfig``,
 ``ScriptArguments`` and ``ModelConfig`` (TRL 0.19 to 1.x); where TRL changed a
 meaning between versions the entry says which one it follows.
+
+A name that is translated is logged once, saying what it became (a WARNING where the meaning
+shifts, as ``rpo_alpha``, INFO for a plain rename); a refused name raises with the reason.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..common.flags import parse_bool
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,6 @@ class Refused:
     inert: tuple = ()
 
 
-def _zero_if_none(value):
-    return 0.0 if value is None or str(value).lower() == "none" else value
-
-
 # TRL name -> our name. Same meaning, same units.
 ALIASES: dict[str, Alias] = {
     "dataset_name": Alias("dataset", "the training data: hub name, file or directory"),
@@ -47,20 +50,17 @@ ALIASES: dict[str, Alias] = {
     "precompute_ref_log_probs": Alias(
         "precompute_ref_logps", "score the data with the reference once, before training"
     ),
-    "rpo_alpha": Alias(
-        "sft_weight",
-        "weight of the NLL term on the chosen answer (RPO); averaged per pair, then over pairs, where TRL 0.x "
-        "averages over the batch's chosen tokens: equal when chosen answers have equal lengths",
-        _zero_if_none,
-    ),
     "dtype": Alias("torch_dtype", "dtype the weights are loaded in (TRL >= 0.20's name)"),
 }
 
-# TRL loss names that are ours with other settings: name -> {our field: value}.
-LOSS_ALIASES: dict[str, dict[str, Any]] = {
-    # TRL's sigmoid_norm divides each log-ratio by its response's token count: our sigmoid with length_normalize.
-    "sigmoid_norm": {"loss_type": "sigmoid", "length_normalize": True},
-}
+# TRL < 1.0's RPO weight: the chosen NLL added to the loss, now TRL 1.16's (and our) "sft" entry of a loss list.
+RPO_ALPHA = "rpo_alpha"
+RPO_NOTE = (
+    "TRL < 1.0's RPO term is the chosen NLL averaged over the batch's chosen tokens, exactly TRL 1.16's and "
+    "hf_dpo's sft loss (not --sft_weight, which averages per pair)"
+)
+# Flags whose values the rpo_alpha rewrite reads and replaces; several values each.
+_LOSS_LIST_FLAGS = ("loss_type", "loss_weights", RPO_ALPHA)
 
 REFUSED: dict[str, Refused] = {
     "reference_free": Refused(
@@ -74,14 +74,6 @@ REFUSED: dict[str, Refused] = {
         "not supported: the prompt always loses its oldest tokens first, then the response is cut from the right "
         "(docs/data.md); remove the flag"
     ),
-    "loss_weights": Refused(
-        "not supported: one loss per run (--loss_type), plus --sft_weight for the NLL term", (None,)
-    ),
-    "use_weighting": Refused("not supported (WPO weighting)", (False,)),
-    "ld_alpha": Refused("not supported (LD-DPO); --length_normalize true is the length correction here", (None,)),
-    "f_divergence_type": Refused("not supported: only the reverse-KL (standard DPO) objective", ("reverse_kl",)),
-    "f_alpha_divergence_coef": Refused("not supported (f-DPO)", (0.5,)),
-    "discopop_tau": Refused("not supported (DiscoPOP)", (0.05,)),
     "sync_ref_model": Refused("not supported (TR-DPO): the reference stays frozen", (False,)),
     "ref_model_mixup_alpha": Refused("not supported (TR-DPO)", (0.6,)),
     "ref_model_sync_steps": Refused("not supported (TR-DPO)", (512,)),
@@ -111,6 +103,13 @@ REFUSED: dict[str, Refused] = {
     "use_dora": Refused("not supported by the script; build a LoraConfig in Python", (False,)),
     "load_in_8bit": Refused("not supported: quantized bases are not tested here", (False,)),
     "load_in_4bit": Refused("not supported: quantized bases are not tested here", (False,)),
+    "bnb_4bit_quant_type": Refused("not supported: quantized bases are not tested here", ("nf4",)),
+    "use_bnb_nested_quant": Refused("not supported: quantized bases are not tested here", (False,)),
+    "bnb_4bit_quant_storage": Refused("not supported: quantized bases are not tested here", (None,)),
+    "lora_target_parameters": Refused("not supported by the script; build a LoraConfig in Python", (None,)),
+    "activation_offloading": Refused(
+        "not supported; use --gradient_checkpointing true (TrainingArguments) to save activation memory", (False,)
+    ),
 }
 
 # Flags HfArgumentParser gives TRL's fields but not ours (a bool whose default is True gets --no_<name>).
@@ -142,6 +141,51 @@ def _refusal(name: str, value: Any, flag: bool) -> Optional[str]:
     return f"{shown} is TRL's and has no equivalent in hf_dpo: {spec.advice}"
 
 
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return str(value).replace(",", " ").split() if isinstance(value, str) else [value]
+
+
+def _number(value: Any) -> str:
+    return f"{float(value):g}"
+
+
+def _rpo_as_loss_list(values: dict[str, Any], flag: bool) -> dict[str, Any]:
+    """``rpo_alpha`` in ``values`` rewritten as the ``sft`` entry of the loss list (TRL 1.16's form of RPO)."""
+    alpha = _parse_scalar(values.get(RPO_ALPHA))
+    out = {key: value for key, value in values.items() if key != RPO_ALPHA}
+    if alpha is None or alpha == 0:  # TRL's "off"
+        return out
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{RPO_ALPHA}: expected a number, got {values.get(RPO_ALPHA)!r}")
+    loss_types = _as_list(values.get("loss_type")) or ["sigmoid"]
+    if "sft" in loss_types:
+        raise ValueError(f"{RPO_ALPHA} adds an sft term, but loss_type already has sft; set its weight in loss_weights")
+    try:
+        weights = [float(w) for w in _as_list(values.get("loss_weights"))] or [1.0] * len(loss_types)
+    except ValueError:
+        raise ValueError(f"loss_weights: expected numbers, got {values.get('loss_weights')!r}") from None
+    if len(weights) != len(loss_types):
+        raise ValueError(f"loss_weights {weights} must have one weight per loss_type {loss_types}")
+    out["loss_type"], out["loss_weights"] = [*loss_types, "sft"], [*weights, float(alpha)]
+    given = f"--{RPO_ALPHA} {_number(alpha)}" if flag else f"{RPO_ALPHA}={_number(alpha)}"
+    _log_once(
+        logging.WARNING,
+        f"{given} (TRL < 1.0) -> --loss_type {' '.join(out['loss_type'])} --loss_weights "
+        f"{' '.join(_number(w) for w in out['loss_weights'])}: {RPO_NOTE}",
+    )
+    return out
+
+
 def translate_mapping(values: dict[str, Any], flag: bool = False) -> dict[str, Any]:
     """TRL names in ``values`` (a config file, or ``DPOConfig`` keyword arguments) replaced by ours.
 
@@ -160,26 +204,20 @@ def translate_mapping(values: dict[str, Any], flag: bool = False) -> dict[str, A
             if alias.target in values:
                 raise ValueError(f"{name} is TRL's name for {alias.target}; give only one of them")
             out[alias.target] = alias.convert(value) if alias.convert else value
+            _log_once(logging.INFO, f"TRL's {name} is read as {alias.target} ({alias.note})")
         else:
             out[name] = value
-    loss = out.get("loss_type")
-    if loss in LOSS_ALIASES:
-        for key, replacement in LOSS_ALIASES[loss].items():
-            if key != "loss_type" and key in out and _parse_scalar(out[key]) != replacement:
-                raise ValueError(
-                    f"loss_type {loss!r} (TRL) means {LOSS_ALIASES[loss]}, which contradicts {key}={out[key]!r}"
-                )
-        out.update(LOSS_ALIASES[loss])
-    return out
+    return _rpo_as_loss_list(out, flag) if RPO_ALPHA in out else out
 
 
 def translate_argv(argv: list[str]) -> list[str]:
     """A command line with TRL's flags rewritten to ours (``--flag value`` and ``--flag=value``).
 
-    Raises ``ValueError`` for a refused flag whose value would change the run.
+    ``--rpo_alpha A`` becomes ``A``'s ``sft`` entry in ``--loss_type``/``--loss_weights``, which are then
+    emitted last. Raises ``ValueError`` for a refused flag whose value would change the run.
     """
     out: list[str] = []
-    implied: dict[str, Any] = {}  # settings a TRL loss name implies; a contradicting flag is an error
+    loss_list: dict[str, list[str]] = {}  # --loss_type, --loss_weights, --rpo_alpha: rewritten together
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -192,25 +230,25 @@ def translate_argv(argv: list[str]) -> list[str]:
             continue
         name, has_inline, inline = token[2:].partition("=")
         name = name.replace("-", "_")  # HfArgumentParser accepts --dataset-name for --dataset_name too
-        if name not in ALIASES and name not in REFUSED and name != "loss_type":
+        if name not in ALIASES and name not in REFUSED and name not in _LOSS_LIST_FLAGS:
             out.append(token)
             continue
         values: list[str] = [inline] if has_inline else []
         while not has_inline and i < len(argv) and not argv[i].startswith("--"):
             values.append(argv[i])
             i += 1
+        if name in _LOSS_LIST_FLAGS:
+            loss_list[name] = values
+            continue
         value: Any = values[0] if len(values) == 1 else (values or "true")  # a bare bool flag means true
-        translated = translate_mapping({name: value}, flag=True)
-        if name == "loss_type" and value in LOSS_ALIASES:
-            implied = {k: v for k, v in translated.items() if k != "loss_type"}
-        for key, new_value in translated.items():
+        for key, new_value in translate_mapping({name: value}, flag=True).items():
             out += [f"--{key}", *([str(v) for v in new_value] if isinstance(new_value, list) else [str(new_value)])]
-    for key, wanted in implied.items():
-        given = [out[j + 1] for j in range(len(out) - 1) if out[j] == f"--{key}"]
-        if any(_parse_scalar(v) != wanted for v in given):
-            raise ValueError(
-                f"TRL's --loss_type {', '.join(LOSS_ALIASES)} implies --{key} {wanted}; remove --{key} {given[0]}"
-            )
+    if RPO_ALPHA in loss_list:
+        rpo = " ".join(loss_list.pop(RPO_ALPHA))
+        rewritten = _rpo_as_loss_list({**loss_list, RPO_ALPHA: rpo}, flag=True)
+        loss_list = {key: [str(v) for v in _as_list(value)] for key, value in rewritten.items()}
+    for key, values in loss_list.items():
+        out += [f"--{key}", *values]
     return out
 
 
@@ -230,10 +268,7 @@ def help_epilog() -> str:
     """The alias table as text, for ``hf-dpo --help``."""
     lines = ["TRL names accepted (TRL name -> hf_dpo name):"]
     lines += [f"  --{name} -> --{alias.target}" for name, alias in ALIASES.items()]
-    lines += [
-        f"  --loss_type {name} -> " + " ".join(f"--{k} {v}" for k, v in spec.items())
-        for name, spec in LOSS_ALIASES.items()
-    ]
+    lines.append(f"  --{RPO_ALPHA} A -> --loss_type <given, or sigmoid> sft --loss_weights <given, or 1 each> A")
     lines += [f"  {flag} -> {' '.join(new)}" for flag, new in FLAG_REWRITES.items()]
     lines.append("TRL names refused unless off: " + ", ".join(sorted(REFUSED)) + " (see docs/usage.md).")
     return "\n".join(lines)
