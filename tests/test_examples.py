@@ -301,7 +301,11 @@ def test_flags_override_the_config_file_and_demo_defaults_apply_only_to_the_demo
     assert demo_args.learning_rate == 0.01 and demo_args.output_dir == "outputs/demo"
     # With a model of one's own, TrainingArguments' and DPOConfig's defaults hold.
     script_args, _, real_args = train_module.parse_args(["--model_name_or_path", "some/model"])
-    assert (real_args.output_dir, real_args.learning_rate, real_args.max_length) == ("trainer_output", 5e-5, 1024)
+    assert (real_args.output_dir, real_args.learning_rate, real_args.max_length) == (
+        "trainer_output",
+        1e-6,
+        1024,
+    )  # DPOConfig's default, not the demo's 1e-3
     assert script_args.torch_num_threads is None
 
 
