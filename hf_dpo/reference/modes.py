@@ -2,7 +2,8 @@
 
 Modes:
     ``model``: a separate frozen model (eval mode, no grad, dropout off).
-    ``adapter``: the PEFT policy itself with its adapter disabled; no second copy in memory.
+    ``adapter``: the PEFT policy itself with its adapter disabled, or with the frozen SFT adapter of
+        ``ref_adapter`` active in its place (:mod:`hf_dpo.reference.adapters`); no second copy in memory.
     ``none``: reference-free losses (SimPO).
 Cached reference log-prob sums in the batch (``ref_chosen_logp_sums``,
 ``ref_rejected_logp_sums``) take precedence over any mode.
@@ -21,6 +22,7 @@ from torch import nn
 
 from ..common.columns import REF_LOGP_COLUMNS
 from ..common.models import disable_dropout, is_peft_model, unwrap
+from .adapters import has_reference_adapter, reference_adapter_active
 from .engines import refuse_partitioned_copy
 
 logger = logging.getLogger(__name__)
@@ -113,7 +115,8 @@ def reference_logp_sums(
         )
     with torch.no_grad():
         if mode == "adapter":
-            with adapter_disabled(policy):
+            as_reference = reference_adapter_active if has_reference_adapter(policy) else adapter_disabled
+            with as_reference(policy):
                 sums, _ = score(policy, batch)
         else:
             sums, _ = score(ref_model, batch)
