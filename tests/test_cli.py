@@ -352,9 +352,9 @@ def test_trl_aliases_translate_and_refuse():
         ["--discopop_tau", "0.1", "--f_alpha_divergence_coef", "0.3"],
     ):
         assert translate_argv(argv) == argv
-    assert translate_argv(["--sync_ref_model", "false"]) == []  # TRL's "off": nothing changes
-    with pytest.raises(ValueError, match="sync_ref_model true is TRL's.*TR-DPO"):
-        translate_argv(["--sync_ref_model", "true"])
+    assert translate_argv(["--use_liger_loss", "false"]) == []  # TRL's "off": nothing changes
+    with pytest.raises(ValueError, match="use_liger_loss true is TRL's.*--response_only_logits"):
+        translate_argv(["--use_liger_loss", "true"])
     with pytest.raises(ValueError, match="max_completion_length 256.*--max_length"):
         translate_argv(["--max_completion_length", "256"])
     args = DPOConfig(

@@ -88,13 +88,16 @@ def _weights_problems(directory: Path) -> list[str]:
     return ["no model weights"]
 
 
-def checkpoint_problems(directory: Union[str, os.PathLike], require_optimizer: bool = True) -> list[str]:
+def checkpoint_problems(
+    directory: Union[str, os.PathLike], require_optimizer: bool = True, required_files: tuple[str, ...] = ()
+) -> list[str]:
     """Everything that keeps ``directory`` from being resumed; empty for a complete checkpoint.
 
     Complete means: ``trainer_state.json`` parses, the model (or adapter) weights
     are all there and not truncated, and, unless ``require_optimizer=False``
     (``save_only_model``), ``optimizer.pt`` and ``scheduler.pt`` are intact. Any
-    RNG state file present must be intact too.
+    RNG state file present must be intact too, and so must ``required_files``
+    (what a callback saves after ``trainer_state.json``, e.g. TR-DPO's synced reference).
     """
     directory = Path(directory)
     problems = []
@@ -117,6 +120,11 @@ def checkpoint_problems(directory: Union[str, os.PathLike], require_optimizer: b
             problem = f"{name} is missing" if not path.is_file() else _file_problem(path)
             if problem:
                 problems.append(problem)
+    for name in required_files:
+        path = directory / name
+        problem = f"{name} is missing" if not path.is_file() else _file_problem(path)
+        if problem:
+            problems.append(problem)
     for path in sorted(directory.glob("rng_state*.pth")):
         problem = _file_problem(path)
         if problem:
@@ -124,7 +132,9 @@ def checkpoint_problems(directory: Union[str, os.PathLike], require_optimizer: b
     return problems
 
 
-def latest_complete_checkpoint(output_dir: Union[str, os.PathLike], require_optimizer: bool = True) -> Optional[str]:
+def latest_complete_checkpoint(
+    output_dir: Union[str, os.PathLike], require_optimizer: bool = True, required_files: tuple[str, ...] = ()
+) -> Optional[str]:
     """The highest-step ``checkpoint-<step>`` under ``output_dir`` with no :func:`checkpoint_problems`, or None.
 
     Skipped incomplete checkpoints are logged with their problems.
@@ -136,22 +146,24 @@ def latest_complete_checkpoint(output_dir: Union[str, os.PathLike], require_opti
         (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))
     ]
     for _, path in sorted(candidates, reverse=True):
-        problems = checkpoint_problems(path, require_optimizer)
+        problems = checkpoint_problems(path, require_optimizer, required_files)
         if not problems:
             return str(path)
         logger.warning("not resuming from %s, which is incomplete: %s", path, "; ".join(problems))
     return None
 
 
-def resolve_resume_checkpoint(resume_from_checkpoint: Union[str, bool, None], args) -> Union[str, None]:
+def resolve_resume_checkpoint(
+    resume_from_checkpoint: Union[str, bool, None], args, required_files: tuple[str, ...] = ()
+) -> Union[str, None]:
     """What ``Trainer.train`` should resume from: ``True`` becomes the latest complete checkpoint of ``args.output_dir``.
 
     Raises ``ValueError`` when ``True`` finds no complete checkpoint, or when an
-    explicit path is incomplete, naming what is missing.
+    explicit path is incomplete, naming what is missing (``required_files``: see :func:`checkpoint_problems`).
     """
     require_optimizer = not getattr(args, "save_only_model", False)
     if resume_from_checkpoint is True:
-        found = latest_complete_checkpoint(args.output_dir, require_optimizer)
+        found = latest_complete_checkpoint(args.output_dir, require_optimizer, required_files)
         if found is None:
             raise ValueError(
                 f"resume_from_checkpoint=True: no complete checkpoint-<step> directory in {args.output_dir}"
@@ -159,7 +171,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: Union[str, bool, None], ar
         logger.info("resuming from %s", found)
         return found
     if isinstance(resume_from_checkpoint, (str, os.PathLike)) and Path(resume_from_checkpoint).is_dir():
-        problems = checkpoint_problems(resume_from_checkpoint, require_optimizer)
+        problems = checkpoint_problems(resume_from_checkpoint, require_optimizer, required_files)
         if problems:
             raise ValueError(f"cannot resume from {resume_from_checkpoint}, which is incomplete: {'; '.join(problems)}")
     return resume_from_checkpoint

@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCardData
 
 from ..losses import LossObjective
+from .ref_sync import reference_settings
 
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
@@ -116,6 +117,7 @@ def dpo_settings(args, reference_mode: str) -> list[tuple[str, Any]]:
         ("completion_turns", args.completion_turns),
         *loss_rows[1:],
     ]
+    rows += reference_settings(args)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     rows += [("learning_rate", args.learning_rate), ("global batch (pairs)", global_batch), ("seed", args.seed)]
     return rows

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
 from ..common.columns import REF_LOGP_COLUMNS, TOKENIZED_COLUMNS
-from ..common.models import disable_dropout, is_peft_model
+from ..common.models import disable_dropout
 from ..data import is_canonical, load_preference_dataset
 from ..layouts import LayoutCheck, build_collator, choose_layouts, default_pad_token_id
 from ..layouts.attention import require_4d_mask_attention
@@ -26,6 +26,7 @@ from ..layouts.choice import log_choice
 from ..layouts.grouping import add_length_column, wants_length_grouping
 from ..losses import LossObjective, objective_losses
 from ..reference import build_reference_model, prepare_reference, reference_logp_sums, resolve_reference_mode
+from ..reference.adapters import attach_adapters
 from ..reference.cache import (
     cache_settings,
     compute_reference_sums,
@@ -36,13 +37,13 @@ from ..reference.cache import (
 )
 from ..scoring import score_batch
 from ..tokenization import tokenize_dataset
-from .checkpoints import resolve_resume_checkpoint
 from .config import DPOConfig, as_dpo_config
 from .guards import TrainingGuards, warn_about_settings
 from .launch import EngineCheck, check_launch
 from .metrics import PairMetrics
 from .model_card import write_model_card
 from .moe import RouterAux
+from .reference_upkeep import ReferenceUpkeep
 from .splits import DataReportCallback, map_eval_sets, map_splits
 
 logger = logging.getLogger(__name__)
@@ -83,12 +84,7 @@ class NormalizedDPOTrainer(Trainer):
             model = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=args.trust_remote_code)
         if isinstance(ref_model, str):
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model, trust_remote_code=args.trust_remote_code)
-        if peft_config is not None and not is_peft_model(model):
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()
+        model = attach_adapters(model, peft_config, ref_model, args)  # LoRA, ref_adapter: reference/adapters.py
         if args.disable_dropout:
             disable_dropout(model)
         self.objective = LossObjective.from_config(args)  # the weighted list of losses and their settings
@@ -149,6 +145,8 @@ class NormalizedDPOTrainer(Trainer):
         for note in self.objective.notes():  # where a TRL name means something else here
             logger.warning(note)
         self.add_callback(EngineCheck(launch.engine, lambda: (self.model_wrapped, self.model)))
+        self.reference_upkeep = ReferenceUpkeep(args, launch.engine, self.reference_mode, lambda: self.ref_model)
+        self.add_callback(self.reference_upkeep)  # TR-DPO's syncs, the ref_adapter's state: reference_upkeep.py
         if self.ref_model is not None:
             self.ref_model = prepare_reference(self.ref_model, self.accelerator)  # sharded like the policy
         if wants_length_grouping(args):
@@ -159,13 +157,15 @@ class NormalizedDPOTrainer(Trainer):
             self._precompute_reference()  # adds ref_*_logp_sums columns, releases self.ref_model
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips partly written checkpoints."""
-        return super().train(resolve_resume_checkpoint(resume_from_checkpoint, self.args), *args, **kwargs)
+        """``Trainer.train``, except that ``resume_from_checkpoint=True`` skips partly written checkpoints (and TR-DPO's
+        synced reference resumes with the policy)."""
+        return super().train(self.reference_upkeep.resume_point(resume_from_checkpoint), *args, **kwargs)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``, plus the DPO model card (README.md) next to the weights."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
+            self.reference_upkeep.saved(output_dir or self.args.output_dir)  # policy_adapter new: one adapter
             write_model_card(self, output_dir or self.args.output_dir)
 
     def create_model_card(self, **kwargs) -> None:

@@ -74,9 +74,6 @@ REFUSED: dict[str, Refused] = {
         "not supported: the prompt always loses its oldest tokens first, then the response is cut from the right "
         "(docs/data.md); remove the flag"
     ),
-    "sync_ref_model": Refused("not supported (TR-DPO): the reference stays frozen", (False,)),
-    "ref_model_mixup_alpha": Refused("not supported (TR-DPO)", (0.6,)),
-    "ref_model_sync_steps": Refused("not supported (TR-DPO)", (512,)),
     "generate_during_eval": Refused("not supported: evaluation scores pairs, it does not generate", (False,)),
     "use_logits_to_keep": Refused(
         "use --response_only_logits (on by default), which projects only the scored positions", (False,)
@@ -89,7 +86,9 @@ REFUSED: dict[str, Refused] = {
     "ref_model_init_kwargs": Refused("use --ref_model_name_or_path (loaded like the policy)", (None,)),
     "model_adapter_name": Refused("not supported: the PEFT model's active adapter trains", (None,)),
     "ref_adapter_name": Refused(
-        "not supported: the reference of a PEFT model is the model with its adapter disabled", (None,)
+        "not supported: the reference of a PEFT model is the model with its adapter disabled, or with the adapter "
+        "of --ref_adapter PATH (e.g. an SFT adapter; --policy_adapter copy|new)",
+        (None,),
     ),
     "force_use_ref_model": Refused("use --reference model with --ref_model_name_or_path", (False,)),
     "dataset_streaming": Refused("not supported: the data set is read and checked in full before training", (False,)),
