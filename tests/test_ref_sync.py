@@ -62,16 +62,16 @@ def make_args(output_dir, **overrides) -> DPOConfig:
 
 
 class Snapshots(TrainerCallback):
-    """``(global_step, policy parameters, reference parameters)`` at every step end, after the sync (added later)."""
+    """``(global_step, policy parameters, reference parameters)`` at every step end, after the sync (added later).
+
+    ``policy()`` and ``reference()`` return ``{name: parameter}`` with the same names on both sides.
+    """
 
     def __init__(self, policy, reference):
         self.policy, self.reference, self.steps = policy, reference, []
 
     def on_step_end(self, args, state, control, **kwargs):
-        policy, reference = (
-            {name: p.detach().clone() for name, p in model.named_parameters()}
-            for model in (self.policy(), self.reference())
-        )
+        policy, reference = ({n: p.detach().clone() for n, p in get().items()} for get in (self.policy, self.reference))
         self.steps.append((state.global_step, policy, reference))
 
 
@@ -99,7 +99,9 @@ def test_the_reference_follows_trls_rule_and_step_0_is_ln2(tokenizer, rows, tmp_
     trainer = NormalizedDPOTrainer(
         model=model, args=make_args(tmp_path), train_dataset=rows, processing_class=tokenizer
     )
-    snapshots = Snapshots(lambda: trainer.model, lambda: trainer.ref_model)
+    snapshots = Snapshots(
+        lambda: dict(trainer.model.named_parameters()), lambda: dict(trainer.ref_model.named_parameters())
+    )
     trainer.add_callback(snapshots)  # after ReferenceUpkeep: sees the synced reference
     trainer.train()
 
@@ -239,3 +241,53 @@ def test_model_card_and_trl_names(tokenizer, rows, tmp_path):
     assert (config.ref_model_mixup_alpha, config.ref_model_sync_steps) == (0.6, 512)  # TRL 1.16's defaults
     json.dumps(config.to_dict())  # the fields serialize like every other (trainer_state, hub uploads)
     assert copy.deepcopy(config).sync_ref_model
+
+
+def test_sync_with_an_sft_adapter_reference_mixes_the_adapters_and_resumes(tokenizer, rows, tmp_path):
+    """ref_adapter + policy_adapter copy: the rule runs on the adapter parameters (reference adapter <- policy
+    adapter; the shared base is untouched); checkpoints carry the synced adapter in ref_adapter/ and a resume
+    from checkpoint-2 reproduces steps 3-6 (1e-5)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_dpo.reference.adapters import REF_ADAPTER
+
+    build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora).save_pretrained(tmp_path / "sft")
+
+    def trainer_for(output_dir):
+        args = make_args(
+            output_dir, save_strategy="steps", save_steps=2, ref_adapter=str(tmp_path / "sft"), learning_rate=5e-2
+        )
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        return NormalizedDPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+
+    def adapter(model, name):
+        return {n.replace(f".{name}.", "."): p for n, p in model.named_parameters() if f".{name}." in n}
+
+    trainer = trainer_for(tmp_path / "run")
+    snapshots = Snapshots(lambda: adapter(trainer.model, "default"), lambda: adapter(trainer.model, REF_ADAPTER))
+    trainer.add_callback(snapshots)
+    initial = {n: p.detach().clone() for n, p in adapter(trainer.model, REF_ADAPTER).items()}
+    base = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    trainer.train()
+    expected = expected_references(initial, snapshots.steps, ALPHA, EVERY)
+    for (step, _, reference), wanted in zip(snapshots.steps, expected):
+        for name in reference:
+            assert torch.allclose(reference[name], wanted[name], rtol=0, atol=1e-6), (step, name)
+    assert max((expected[-1][n] - initial[n]).abs().max().item() for n in initial) > 1e-3  # the reference moved
+    assert all(torch.equal(p, base[n]) for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    saved = load_file(str(tmp_path / "run" / "checkpoint-2" / REF_ADAPTER / "adapter_model.safetensors"))
+    assert saved.keys() == initial.keys()
+    for name, value in saved.items():  # the checkpoint holds the adapter synced at step 2, not the SFT one
+        assert torch.allclose(value, expected[1][name], rtol=0, atol=1e-6), name
+
+    full = losses_of(trainer)
+    resumed = trainer_for(tmp_path / "run")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    got = losses_of(resumed)
+    for step in (3, 4, 5, 6):
+        assert got[step] == pytest.approx(full[step], abs=1e-5), step

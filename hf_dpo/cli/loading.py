@@ -121,6 +121,11 @@ def lora_config(model_args: ModelArguments):
     )
 
 
+def wants_lora_config(model_args: ModelArguments, training_args: DPOConfig) -> bool:
+    """Whether the run trains a new LoRA adapter from the --lora_* flags: --use_peft, or --policy_adapter new."""
+    return model_args.use_peft or bool(training_args.ref_adapter and training_args.policy_adapter == "new")
+
+
 def dataset_names(script_args: ScriptArguments, demo: Optional[dict[str, Path]]) -> list[str]:
     """The data sets named on the command line (or the demo's files), for the model card."""
     names = [script_args.dataset or (demo and str(demo["train"]))]
@@ -151,7 +156,7 @@ def build_trainer(
         processing_class=load_tokenizer(
             tokenizer_name, training_args, revision if not model_args.tokenizer_name_or_path else None
         ),
-        peft_config=lora_config(model_args) if model_args.use_peft else None,
+        peft_config=lora_config(model_args) if wants_lora_config(model_args, training_args) else None,
     )
     trainer.model_card_datasets = dataset_names(script_args, demo)
     return trainer

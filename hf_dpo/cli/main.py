@@ -95,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     output_dir = Path(training_args.output_dir)
     summary: dict[str, Any] = {
         "demo": model_args.model_name_or_path is None,
-        "use_peft": model_args.use_peft,
+        "use_peft": model_args.use_peft or bool(training_args.ref_adapter),  # the output is an adapter
         "reference": trainer.reference_mode,
         "trainable_parameters": trainable,
         "total_parameters": total,
