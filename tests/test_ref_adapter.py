@@ -301,3 +301,65 @@ def test_concatenation_equals_peft_cat_and_the_sum_of_deltas(paths):
         assert (ours - by_hand).abs().max().item() < 1e-6, name
         assert (ours - theirs).abs().max().item() < 1e-6, name
     assert copy.deepcopy(config)["r"] == 6
+
+
+def test_the_documented_command_trains_on_top_of_an_sft_adapter(hf_dpo_command, tmp_path):
+    """docs/usage.md's demo command, run as written (cwd: a folder whose outputs/demo-sft is an adapter of the demo
+    model with random B, standing in for an SFT adapter): step 0 is a tie, the run learns, and the saved adapter
+    (rank 8 + 4) reloaded with peft gives the run's held-out log-probs (1e-5)."""
+    import os
+    import re
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoTokenizer
+
+    from hf_dpo import load_preference_dataset
+    from hf_dpo.cli.demo import build_demo
+
+    usage = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", usage, re.S)
+    line = next(line for block in blocks for line in block.splitlines() if "--ref_adapter outputs/demo-sft" in line)
+    argv = shlex.split(line)
+    assert argv[0] == "hf-dpo"
+    assets = build_demo(tmp_path / "assets")
+    torch.manual_seed(0)
+    sft = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(assets["model"]), sft).save_pretrained(
+        tmp_path / "outputs" / "demo-sft"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [hf_dpo_command, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+
+    output_dir = tmp_path / "outputs" / "demo-dpo-on-sft"
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["reference"] == "adapter" and summary["use_peft"]
+    before, after = summary["held_out"]["before"], summary["held_out"]["after"]
+    assert (before["rewards/margins"], before["rewards/accuracies"]) == (0.0, 0.5)  # policy == reference
+    assert before["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert after["rewards/margins"] > 0.05
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    assert config["r"] == 8 + 4
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    args = DPOConfig(
+        output_dir=str(tmp_path / "reload"),
+        per_device_eval_batch_size=64,
+        max_length=128,
+        max_prompt_length=96,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    reloaded = NormalizedDPOTrainer(
+        model=PeftModel.from_pretrained(base, output_dir),
+        args=args,
+        eval_dataset=load_preference_dataset(output_dir / "demo_assets" / "eval.jsonl"),
+        processing_class=AutoTokenizer.from_pretrained(output_dir),
+    ).evaluate()
+    for key in ("logps/chosen", "logps/rejected"):  # the policy's own numbers (the reloaded run has another reference)
+        assert reloaded[f"eval_{key}"] == pytest.approx(after[key], abs=1e-5), key
