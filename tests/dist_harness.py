@@ -5,7 +5,8 @@
    reference's per-pair sums of every step and its per-rank parameter counts;
 2. resume from checkpoint-2 in a fresh trainer (steps 3-4);
 3. the LoRA adapter-disabled reference: 4 steps;
-4. (ZeRO-3) precompute_ref_logps: 4 steps.
+4. (ZeRO-3) precompute_ref_logps: 4 steps;
+5. (DDP, ZeRO-2) TR-DPO: the separate reference synced after every step (alpha 0.5), 4 steps.
 Rank 0 writes OUT/result.json. The test imports :func:`run_phase` for the 1-process baselines.
 
 CPU-only workarounds live here, not in hf_dpo (see docs/distributed.md): DeepSpeed needs the
@@ -69,7 +70,7 @@ def build_fixture(directory: Path) -> None:
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def run_phase(engine, fixture, out, reference="model", precompute=False, resume=None, extra=None):
+def run_phase(engine, fixture, out, reference="model", precompute=False, resume=None, extra=None, sync=False):
     """Train one phase; returns a dict of numbers (meaningful on every rank)."""
     import datasets
     import torch
@@ -104,6 +105,9 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
         max_prompt_length=48,
         precompute_ref_logps=precompute,
         ref_logps_cache_dir="",
+        sync_ref_model=sync,
+        ref_model_mixup_alpha=0.5,
+        ref_model_sync_steps=1,
         **(extra or {}),
     )
     # Loaded after DPOConfig, so that ZeRO-3 partitions both models as they load.
@@ -166,7 +170,7 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
         ref = unwrap_engine(trainer.ref_model)
         result["ref_resident"] = sum(p.data.numel() for p in ref.parameters() if not hasattr(p, "to_local"))
         result["ref_plain_tensors"] = sum(not hasattr(p, "to_local") for p in ref.parameters())
-    if resume is None and reference == "model" and not precompute:
+    if resume is None and reference == "model" and not precompute and not sync:
         trainer.save_model(str(Path(out) / "final"))
         result["eval"] = trainer.evaluate()
     return result
@@ -183,6 +187,7 @@ def main(engine, fixture, out):
         "resume": {"resume": str(out / "model" / "checkpoint-2")},
         "adapter": {"reference": "adapter"},
         **({"precompute": {"precompute": True}} if engine == "zero3" else {}),
+        **({"sync": {"sync": True}} if engine in ("ddp", "zero2") else {}),
     }
     result = {}
     for name, options in phases.items():

@@ -206,6 +206,7 @@ def test_dpo_on_an_sft_adapter(mode, paths, tokenizer, rows, tmp_path):
         assert config["r"] == 4 and sorted(config["target_modules"]) == SFT_TARGETS  # the SFT adapter's settings
     card = (final / "README.md").read_text()
     assert f"| ref_adapter | {paths['sft']} (the reference: the base with it, frozen); policy: " in card
+    assert f"| r | {config['r']} |" in card  # the card describes the adapter in the directory
 
 
 def test_new_resumes_with_the_sft_adapter_under_the_new_one(paths, tokenizer, rows, tmp_path):
@@ -221,6 +222,18 @@ def test_new_resumes_with_the_sft_adapter_under_the_new_one(paths, tokenizer, ro
     for step in (3, 4, 5, 6):
         assert got[step] == pytest.approx(expected[step], abs=1e-5), step
     assert resumed.model.base_model.active_adapters == ["default", REF_ADAPTER]
+
+
+@pytest.mark.parametrize("mode", ["copy", "new"])
+def test_precomputed_reference_is_base_plus_sft_adapter(mode, paths, tokenizer, rows, tmp_path):
+    """precompute_ref_logps scores the pairs through the reference adapter: the cached sums are base + SFT's."""
+    trainer = build(paths, tokenizer, rows, tmp_path, mode, precompute_ref_logps=True, ref_logps_cache_dir="")
+    train = trainer.train_dataset
+    batch = trainer.data_collator([train[i] for i in range(len(train))])
+    expected = sums(trainer, independent_reference(paths), batch)  # (2N,): chosen, then rejected
+    cached = torch.tensor([*train["ref_chosen_logp_sums"], *train["ref_rejected_logp_sums"]], dtype=expected.dtype)
+    assert (cached - expected).abs().max().item() < 1e-5
+    assert trainer.model.base_model.active_adapters == (["default"] if mode == "copy" else ["default", REF_ADAPTER])
 
 
 def test_refusals_name_the_conflict(paths, tokenizer, rows, tmp_path):

@@ -208,6 +208,18 @@ def test_refused_settings_say_why(tokenizer, rows, tmp_path):
             check_sync_launch(make_args(tmp_path), engine, "model")
     for engine in ("single", "ddp", "zero0", "zero1", "zero2"):  # full copies on every process: supported
         check_sync_launch(make_args(tmp_path), engine, "model")
+    cached = NormalizedDPOTrainer(
+        model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),
+        args=make_args(tmp_path, max_steps=1),
+        train_dataset=rows,
+        processing_class=tokenizer,
+    )
+    n = len(cached.train_dataset)
+    cached.train_dataset = cached.train_dataset.add_column("ref_chosen_logp_sums", [0.0] * n).add_column(
+        "ref_rejected_logp_sums", [0.0] * n
+    )
+    with pytest.raises(ValueError, match="the training data carries reference log-probs"):
+        cached.train()
     other = build_model(tokenizer, hidden_size=16, num_layers=2, num_heads=2)  # a layer more than the policy
     trainer = NormalizedDPOTrainer(
         model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),

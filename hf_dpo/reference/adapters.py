@@ -93,19 +93,22 @@ def attach_adapters(model: nn.Module, peft_config, ref_model: Optional[nn.Module
     ``DPOConfig`` (``ref_adapter``, ``policy_adapter``, ``gradient_checkpointing``). Raises ``ValueError``
     naming the setting that cannot work together with ``ref_adapter``.
     """
-    ref_adapter, policy_adapter, gradient_checkpointing = (
-        args.ref_adapter,
-        args.policy_adapter,
-        args.gradient_checkpointing,
-    )
-    if ref_adapter is None:
-        if peft_config is not None and not is_peft_model(model):
-            from peft import get_peft_model
+    if args.ref_adapter is not None:
+        model = _with_reference_adapter(model, peft_config, ref_model, args.ref_adapter, args.policy_adapter)
+    elif peft_config is not None and not is_peft_model(model):
+        from peft import get_peft_model
 
-            model = get_peft_model(model, peft_config)
-            if gradient_checkpointing:
-                model.enable_input_require_grads()
+        model = get_peft_model(model, peft_config)
+    else:
         return model
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def _with_reference_adapter(
+    model: nn.Module, peft_config, ref_model: Optional[nn.Module], ref_adapter: str, policy_adapter: str
+) -> nn.Module:
     from peft import PeftConfig, PeftModel, get_peft_model
 
     if is_peft_model(model):
@@ -141,8 +144,6 @@ def attach_adapters(model: nn.Module, peft_config, ref_model: Optional[nn.Module
         model = get_peft_model(model, peft_config)
     model.load_adapter(ref_adapter, adapter_name=REF_ADAPTER, is_trainable=False)
     activate_policy(model, policy_adapter)
-    if gradient_checkpointing:
-        model.enable_input_require_grads()
     logger.info(
         "reference: the base model with the frozen adapter %s; policy: %s",
         ref_adapter,

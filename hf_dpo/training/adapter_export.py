@@ -22,7 +22,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -118,3 +118,18 @@ def write_policy_adapter(args, output_dir: Union[str, os.PathLike]) -> bool:
     save_file(state, str(output_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     (output_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True
+
+
+def saved_lora_settings(output_dir: Union[str, os.PathLike]) -> Optional[tuple[int, float, Any]]:
+    """``(r, lora_alpha, target modules)`` of the LoRA adapter saved in ``output_dir``, or None when there is none.
+
+    Target modules given as full module names (a concatenated adapter's) are shown by their last part.
+    """
+    path = Path(output_dir) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text())
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        targets = sorted({name.rsplit(".", 1)[-1] for name in targets})
+    return config.get("r"), config.get("lora_alpha"), targets

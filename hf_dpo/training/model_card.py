@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCardData
 
 from ..losses import LossObjective
+from .adapter_export import saved_lora_settings
 from .ref_sync import reference_settings
 
 CARD_NAME = "README.md"
@@ -178,13 +179,12 @@ def build_model_card(
     ]
     if is_adapter:
         config = next(iter(model.peft_config.values()))
-        targets = config.target_modules
+        # What the directory holds, when it differs from the model's adapter (policy_adapter new: the concatenation).
+        r, lora_alpha, targets = saved_lora_settings(output_dir) or (config.r, config.lora_alpha, config.target_modules)
         targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
         lines += [
             "",
-            *_table(
-                [("r", config.r), ("lora_alpha", config.lora_alpha), ("target_modules", targets)], ("LoRA", "value")
-            ),
+            *_table([("r", r), ("lora_alpha", lora_alpha), ("target_modules", targets)], ("LoRA", "value")),
             "",
             f'Load it with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "<this directory>")`.',
         ]

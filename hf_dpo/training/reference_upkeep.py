@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..reference.adapters import activate_policy
+from ..reference.cache import has_reference_columns
 from .adapter_export import write_policy_adapter
 from .checkpoints import resolve_resume_checkpoint
 from .ref_sync import (
@@ -57,6 +58,12 @@ class ReferenceUpkeep(TrainerCallback):
             activate_policy(model, self.policy_adapter)
         if self.sync:
             sync_pairs(self.reference(), model)  # a mismatch stops here, not after ref_model_sync_steps steps
+            if has_reference_columns(getattr(kwargs.get("train_dataloader"), "dataset", None)):
+                raise ValueError(
+                    "--sync_ref_model true, but the training data carries reference log-probs (ref_chosen_logp_sums, "
+                    "ref_rejected_logp_sums), which the loss uses instead of the reference: they would not follow "
+                    "the syncs. Drop those columns, or turn --sync_ref_model off"
+                )
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.sync and state.global_step % args.ref_model_sync_steps == 0:
