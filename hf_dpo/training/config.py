@@ -12,8 +12,7 @@ from transformers import TrainingArguments
 from ..common.flags import parse_auto_bool
 from ..data.columns import parse_columns
 from ..losses import F_DIVERGENCES, LOSS_REGISTRY, LossObjective, as_loss_types, loss_type_help
-from ..reference.adapters import POLICY_ADAPTER_CHOICES, check_adapter_settings
-from .ref_sync import check_sync_settings
+from .reference_args import ReferenceArguments, check_reference_arguments
 from .trl_names import accept_trl_names
 
 REFERENCE_CHOICES = ("auto", "model", "adapter", "none")
@@ -33,7 +32,7 @@ def _choices_help(text: str, choices) -> str:
 
 @accept_trl_names  # DPOConfig(precompute_ref_log_probs=True) and TRL's other names (hf_dpo/training/trl_names.py)
 @dataclass
-class DPOConfig(TrainingArguments):
+class DPOConfig(ReferenceArguments, TrainingArguments):
     """Training arguments for :class:`hf_dpo.NormalizedDPOTrainer`.
 
     Everything not listed here (batch size, learning rate, precision, logging,
@@ -146,41 +145,6 @@ class DPOConfig(TrainingArguments):
             ),
             "choices": list(REFERENCE_CHOICES),
         },
-    )
-    ref_adapter: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "A peft LoRA adapter (directory or hub id) of the base model, e.g. an SFT adapter: the reference "
-            "becomes the base model with this adapter, frozen, and the policy trains an adapter on the same base "
-            "(see policy_adapter); one base model in memory. Pass the base model as the model."
-        },
-    )
-    policy_adapter: str = field(
-        default="copy",
-        metadata={
-            "help": _choices_help(
-                "With ref_adapter, what the policy trains: a copy of ref_adapter (its LoRA settings), or a new "
-                "adapter on top of it (the LoRA settings of peft_config / the --lora_* flags; saved as one adapter, "
-                "the two concatenated).",
-                POLICY_ADAPTER_CHOICES,
-            ),
-            "choices": list(POLICY_ADAPTER_CHOICES),
-        },
-    )
-    sync_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "TR-DPO: every ref_model_sync_steps optimizer steps, set each reference parameter to "
-            "(1 - ref_model_mixup_alpha) * reference + ref_model_mixup_alpha * policy (TRL's rule). Needs a separate "
-            "reference or ref_adapter with policy_adapter copy; checkpoints save the synced reference."
-        },
-    )
-    ref_model_mixup_alpha: float = field(
-        default=0.6,
-        metadata={"help": "TR-DPO's alpha, in (0, 1]: the policy's share in each sync (1: the reference becomes it)."},
-    )
-    ref_model_sync_steps: int = field(
-        default=512, metadata={"help": "TR-DPO's tau: sync the reference every this many optimizer steps."}
     )
     on_bad_row: str = field(
         default="error",
@@ -397,8 +361,7 @@ class DPOConfig(TrainingArguments):
                 f"--precompute_ref_logps has no reference to precompute with --reference {self.reference} "
                 f"and --loss_type {losses}"
             )
-        check_adapter_settings(self)
-        check_sync_settings(self)
+        check_reference_arguments(self)
         super().__post_init__()
 
 
