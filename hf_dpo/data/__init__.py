@@ -6,7 +6,7 @@ canonical row (or a :class:`DataError`), ``reading`` reads whole sources and kee
 """
 
 from .errors import UNTRAINABLE, DataError
-from .reading import data_report, is_canonical, load_preference_dataset, read_preference_rows
+from .reading import data_report, is_canonical, load_preference_dataset, read_preference_rows, with_report
 from .report import DataReport
 from .rows import MESSAGE_LAYOUTS, ROLES, detect_layout, validate_row
 
@@ -22,4 +22,5 @@ __all__ = [
     "load_preference_dataset",
     "read_preference_rows",
     "validate_row",
+    "with_report",
 ]
