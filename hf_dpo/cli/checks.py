@@ -62,7 +62,7 @@ def check_numbers(script_args: ScriptArguments, model_args: ModelArguments, args
         raise UsageError(f"--eval_split_size {size}: a count of pairs must be whole (or a fraction below 1)")
     if args.max_steps == 0 or (args.max_steps < 0 and not args.num_train_epochs > 0):
         raise UsageError(
-            f"--max_steps {args.max_steps} with --num_train_epochs {args.num_train_epochs} trains nothing; "
+            f"--max_steps {args.max_steps} with --num_train_epochs {args.num_train_epochs:g} trains nothing; "
             "give a positive --max_steps or --num_train_epochs"
         )
 

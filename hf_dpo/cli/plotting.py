@@ -60,7 +60,18 @@ def _label(name: str, split: str, steps: list[int], values: list[float]) -> str:
 
 
 def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLike], title: str = "") -> Path:
-    """Draw :data:`PANELS` from ``log_history`` into the PNG ``path``; returns the path.
+    """Draw :func:`draw_training_curves` into the PNG ``path``; returns the path. Raises ``ImportError`` when
+    matplotlib is not installed."""
+    figure = draw_training_curves(log_history, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    logger.info("wrote training curves to %s", path)
+    return path
+
+
+def draw_training_curves(log_history: Iterable[dict], title: str = ""):
+    """A matplotlib ``Figure`` of :data:`PANELS` drawn from ``log_history``, one axes per panel.
 
     Training series are solid lines, evaluation series dashed with markers (the
     evaluation before training sits at step 0); a series of one or two points has
@@ -131,8 +142,4 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
         ax.grid(alpha=0.3)
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    logger.info("wrote training curves to %s", path)
-    return path
+    return figure
