@@ -189,7 +189,7 @@ def resume_checkpoint(args: DPOConfig, identity: dict[str, Any]) -> tuple[Option
     """The checkpoint to resume from (``None`` for a new run) and its record, checked against ``identity``.
 
     Refuses a checkpoint of another configuration, and with ``true`` also one without a record or one
-    written by an earlier run than the folder's last (a stale ``checkpoint-9`` beside a newer run's).
+    written by another run than the folder's last (a stale ``checkpoint-9`` beside a newer run's).
     """
     resume = args.resume_from_checkpoint
     if not resume:
@@ -223,7 +223,7 @@ def resume_checkpoint(args: DPOConfig, identity: dict[str, Any]) -> tuple[Option
     folder = read_record(output_dir)
     if resume is True and folder is not None and folder.get("run_id") != saved.get("run_id"):
         raise UsageError(
-            f"--resume_from_checkpoint true: {name} was written by an earlier run (started {saved.get('started')}), "
+            f"--resume_from_checkpoint true: {name} was written by another run (started {saved.get('started')}), "
             f"not by the last run in {output_dir} (started {folder.get('started')}); remove it, or pass "
             "--overwrite_output_dir to start over"
         )
