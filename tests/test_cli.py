@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,9 +66,9 @@ def test_help_groups_our_options_first_with_defaults_in_under_200_lines(hf_dpo_c
     assert lines.index(next(line for line in lines if line.startswith("  --beta "))) < 60
     for names in grouped_names().values():
         for name in names:
-            entry = next(i for i, line in enumerate(lines) if line.split()[:1] == [f"--{name}"])
-            text = " ".join(lines[entry : entry + 4])
-            assert "[default: " in text.split(f"--{name}", 1)[1].split("  --")[0], name
+            entry = next(i for i, line in enumerate(lines) if re.match(rf"  --{name}( |$)", line))
+            end = next(i for i in range(entry + 1, len(lines)) if not lines[i].startswith(" " * 34))
+            assert "[default: " in " ".join(lines[entry:end]), name
     assert "--no_plot" not in out  # HfArgumentParser gave --no_plot the help of --plot
     resume = out[out.index("--resume_from_checkpoint") :].split("\n  --")[0]
     assert "true: continue from the newest complete checkpoint" in resume
@@ -257,7 +258,7 @@ def test_lora_model_card(hf_dpo_command, tmp_path):
         "| lora_alpha | 8 |",
         "| reference | adapter",
         "| beta | 2 |",
-        "eval loss",
+        "| metric | train (step 6) | eval (step 6) |",
         "- peft: ",
     ):
         assert expected in text, expected
@@ -484,7 +485,6 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
 
 def documented_commands():
     """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the README's and docs/usage.md's bash blocks, as argument lists."""
-    import re
     import shlex
 
     commands = []
@@ -507,8 +507,6 @@ def test_documented_command_lines_parse(argv, tmp_path):
     from hf_dpo.cli.arguments import parse_args
 
     if argv and argv[0].endswith(".yaml"):  # the usage guide's qwen-dpo.yaml, as printed there
-        import re
-
         text = (ROOT / "docs" / "usage.md").read_text(encoding="utf-8")
         (tmp_path / argv[0]).write_text(re.search(r"```yaml\n# qwen-dpo.yaml\n(.*?)```", text, re.S).group(1))
         argv = [str(tmp_path / argv[0]), *argv[1:]]
