@@ -202,3 +202,30 @@ def test_the_module_entry_point_is_the_same_command():
         proc.stderr.strip()
         == "hf-dpo: error: --gradient_accumulation_steps 0: must be at least 1 (batches per optimizer step)"
     )
+
+
+def documented_mistakes():
+    """``$ hf-dpo ...`` lines of docs/usage.md's plain code blocks, each with the line the docs say it prints."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text(encoding="utf-8")
+    found = []
+    for block in re.findall(r"```\n(.*?)```", text, re.S):
+        lines = block.splitlines()
+        for command_line, printed in zip(lines, lines[1:]):
+            if command_line.startswith("$ hf-dpo "):
+                found.append(pytest.param(shlex.split(command_line)[2:], printed, id=command_line[2:60]))
+    return found
+
+
+def test_the_docs_show_mistakes():
+    assert len(documented_mistakes()) >= 2
+
+
+@pytest.mark.parametrize("argv, printed", documented_mistakes())
+def test_documented_mistakes_print_what_the_docs_show(argv, printed, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("")  # the file the documented command names
+    assert "hf-dpo: error: " + user_error(argv, capsys) == printed

@@ -130,12 +130,19 @@ def test_runs_in_one_folder_never_mix(pairs, tmp_path, capsys):
     assert [e["step"] for e in history if "loss" in e] == list(range(1, 10))  # steps 1-6 restored, 7-9 trained
 
 
-def test_a_checkpoint_without_a_record_is_not_resumed_by_true(pairs, tmp_path):
+def test_true_passes_over_a_checkpoint_without_a_record(pairs, tmp_path, caplog):
+    """A kill between Trainer's save and the record leaves a checkpoint nothing vouches for: never resumed unchecked."""
     out = tmp_path / "out"
-    main(flags(pairs, out, steps=2, save_steps=2, beta=1.0))
-    (out / "checkpoint-2" / RECORD_NAME).unlink()
-    with pytest.raises(UsageError, match=r"checkpoint-2 has no run record .* pass its path"):
-        main(flags(pairs, out, steps=3, save_steps=2, beta=1.0, extra=["--resume_from_checkpoint", "true"]))
+    main(flags(pairs, out, steps=4, save_steps=2, beta=1.0))
+    (out / "checkpoint-4" / RECORD_NAME).unlink()
+    summary = main(flags(pairs, out, steps=5, save_steps=2, beta=1.0, extra=["--resume_from_checkpoint", "true"]))
+    assert summary["global_steps"] == 5
+    assert read_record(out)["resumed"][-1]["from"] == str(out / "checkpoint-2")
+    assert f"not resuming from {out / 'checkpoint-4'}: it has no run record" in caplog.text
+    for name in checkpoints(out):  # checkpoint-2 and the rewritten checkpoint-4
+        (out / name / RECORD_NAME).unlink()
+    with pytest.raises(UsageError, match="no complete checkpoint-<step> folder with a run record"):
+        main(flags(pairs, out, steps=6, save_steps=2, beta=1.0, extra=["--resume_from_checkpoint", "true"]))
 
 
 def test_the_record_is_replaced_atomically(tmp_path, monkeypatch):

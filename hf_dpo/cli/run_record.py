@@ -35,7 +35,7 @@ from typing import Any, Optional
 from transformers import TrainerCallback, TrainingArguments
 
 from ..common.version import __version__
-from ..training.checkpoints import CHECKPOINT_PATTERN, latest_complete_checkpoint
+from ..training.checkpoints import CHECKPOINT_PATTERN, checkpoint_problems
 from ..training.config import DPOConfig
 from .arguments import ModelArguments, ScriptArguments, is_demo
 from .errors import UsageError
@@ -185,49 +185,60 @@ def write_record(directory: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def _newest_recorded_checkpoint(output_dir: Path, require_optimizer: bool) -> Optional[Path]:
+    """The newest complete checkpoint that carries a run record; others are passed over with a warning.
+
+    A checkpoint without a record was cut off between Trainer's save and the record (a kill in that
+    moment), or was not written by this command: it is never resumed unchecked.
+    """
+    for path in reversed(checkpoints_in(output_dir)):
+        problems = checkpoint_problems(path, require_optimizer)
+        if not problems and read_record(path) is None:
+            problems = [f"it has no run record ({RECORD_NAME}), so nothing shows it belongs to this run"]
+        if not problems:
+            return path
+        logger.warning("not resuming from %s: %s", path, "; ".join(problems))
+    return None
+
+
 def resume_checkpoint(args: DPOConfig, identity: dict[str, Any]) -> tuple[Optional[str], Optional[dict]]:
     """The checkpoint to resume from (``None`` for a new run) and its record, checked against ``identity``.
 
-    Refuses a checkpoint of another configuration, and with ``true`` also one without a record or one
-    written by another run than the folder's last (a stale ``checkpoint-9`` beside a newer run's).
+    ``true`` takes the newest complete checkpoint with a run record; a checkpoint of another
+    configuration is refused naming what differs, and with ``true`` one written by another run
+    than the folder's last (a stale ``checkpoint-9`` beside a newer run's) is refused too.
     """
     resume = args.resume_from_checkpoint
     if not resume:
         return None, None
     output_dir = Path(args.output_dir)
     if resume is True:
-        path = latest_complete_checkpoint(output_dir, require_optimizer=not args.save_only_model)
+        path = _newest_recorded_checkpoint(output_dir, require_optimizer=not getattr(args, "save_only_model", False))
         if path is None:
             raise UsageError(
-                f"--resume_from_checkpoint true: no complete checkpoint-<step> folder in {output_dir}; "
-                "start a new run without the flag"
+                f"--resume_from_checkpoint true: no complete checkpoint-<step> folder with a run record in {output_dir} "
+                "(see the warnings above); start a new run, or pass a checkpoint's path to resume from it unchecked"
             )
     else:
-        path = str(resume)
-    name = Path(path).name
-    saved = read_record(Path(path))
-    if saved is None:
-        if resume is True:
-            raise UsageError(
-                f"--resume_from_checkpoint true: {path} has no run record ({RECORD_NAME}), so nothing shows it belongs "
-                "to this run; pass its path to --resume_from_checkpoint to continue from it anyway"
-            )
+        path = Path(resume)
+    saved = read_record(path)
+    if saved is None:  # an explicit path: the user's choice, said aloud
         logger.warning("resuming from %s, which has no run record: its configuration is not checked", path)
-        return path, None
+        return str(path), None
     differing = differences(saved.get("identity", {}), identity)
     if differing:
         raise UsageError(
-            f"--resume_from_checkpoint: {name} belongs to another configuration ({'; '.join(differing)}); resume "
+            f"--resume_from_checkpoint: {path.name} belongs to another configuration ({'; '.join(differing)}); resume "
             "with that run's settings, or start over with --overwrite_output_dir"
         )
     folder = read_record(output_dir)
     if resume is True and folder is not None and folder.get("run_id") != saved.get("run_id"):
         raise UsageError(
-            f"--resume_from_checkpoint true: {name} was written by another run (started {saved.get('started')}), "
+            f"--resume_from_checkpoint true: {path.name} was written by another run (started {saved.get('started')}), "
             f"not by the last run in {output_dir} (started {folder.get('started')}); remove it, or pass "
             "--overwrite_output_dir to start over"
         )
-    return path, saved
+    return str(path), saved
 
 
 def _now() -> str:
