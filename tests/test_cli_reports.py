@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -145,3 +146,23 @@ def test_quiet_logs(short_run):
     for i, line in enumerate(lines):
         if line.startswith("data report ("):
             assert lines[i - 1].endswith("hf_dpo.data.report: ") and "%|" not in lines[i - 1], lines[i - 1]
+
+
+def test_deepspeed_is_imported_only_when_asked_for():
+    """Defect 10: accelerate's unwrap (from save_pretrained) imported deepspeed, which warned, at every run."""
+    code = (
+        "import sys, torch\n"
+        "from accelerate.utils.other import extract_model_from_parallel\n"
+        "from hf_dpo import DPOConfig\n"
+        "from hf_dpo.cli.main import deepspeed_unimported\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "with deepspeed_unimported(DPOConfig(output_dir='unused', report_to='none')):\n"
+        "    assert extract_model_from_parallel(model) is model\n"
+        "print('deepspeed' in sys.modules)\n"
+        "extract_model_from_parallel(model)  # outside the run: accelerate's own check again\n"
+        "print('deepspeed' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()  # deepspeed is installed (dev extras): only the patch kept it out
+    assert lines[0] == "False" and lines[-1] == "True" and "Setting accelerator" not in lines[0]

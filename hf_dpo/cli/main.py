@@ -22,6 +22,7 @@ import time
 
 START = time.perf_counter()  # before the heavy imports: the summary reports what the user waited
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ import transformers
 
 from ..common.flags import parse_bool
 from ..training.config import DPOConfig
-from .arguments import has_accelerator, parse_args, uses_demo_model
+from .arguments import ModelArguments, ScriptArguments, has_accelerator, parse_args, uses_demo_model
 from .checks import check_arguments
 from .loading import build_trainer, load_data
 from .run_record import (
@@ -62,8 +63,9 @@ def use_gloo_without_gpus() -> None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
-def keep_deepspeed_unimported(training_args: DPOConfig) -> None:
-    """No DeepSpeed import in a run that does not use DeepSpeed.
+@contextlib.contextmanager
+def deepspeed_unimported(training_args: DPOConfig):
+    """No DeepSpeed import in a run that does not use DeepSpeed (restored afterwards, for callers in one process).
 
     accelerate's ``extract_model_from_parallel`` (reached from transformers' ``save_pretrained``
     and every ``unwrap_model``) imports deepspeed whenever it is installed, only to test
@@ -73,10 +75,16 @@ def keep_deepspeed_unimported(training_args: DPOConfig) -> None:
     False without the import: the unwrapped model is the same.
     """
     if training_args.deepspeed or parse_bool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        yield
         return
     import accelerate.utils.other
 
+    original = accelerate.utils.other.is_deepspeed_available
     accelerate.utils.other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        accelerate.utils.other.is_deepspeed_available = original
 
 
 def setup_logging(training_args: DPOConfig) -> None:
@@ -97,10 +105,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     check_arguments(script_args, model_args, training_args)  # flags and paths: nothing loaded or written yet
     check_output_dir(training_args, script_args.overwrite_output_dir)
     setup_logging(training_args)
-    keep_deepspeed_unimported(training_args)
     if script_args.torch_num_threads:
         torch.set_num_threads(script_args.torch_num_threads)
+    with deepspeed_unimported(training_args):
+        return run(script_args, model_args, training_args)
 
+
+def run(script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOConfig) -> dict[str, Any]:
+    """The run after its arguments passed their checks: data, resume check, models, training, outputs."""
     output_dir = Path(training_args.output_dir)
     train_dataset, eval_dataset = load_data(script_args, model_args, training_args)  # the user's rows, checked
     identity = run_identity(script_args, model_args, training_args, train_dataset, eval_dataset)
