@@ -85,9 +85,9 @@ def check_model_path(flag: str, name: Optional[str]) -> None:
         )
 
 
-def check_data_path(flag: str, name: Optional[str]) -> None:
+def check_data_path(flag: str, name: Optional[str], demo_allowed: bool = False) -> None:
     """A local data file or folder must exist (hub names are checked when they are downloaded)."""
-    if name is None or is_demo(name):
+    if name is None or (demo_allowed and is_demo(name)):
         return
     try:
         source_kind(name)
@@ -108,7 +108,7 @@ def check_sources(script_args: ScriptArguments, model_args: ModelArguments) -> N
         )
     for flag in ("model_name_or_path", "ref_model_name_or_path", "tokenizer_name_or_path"):
         check_model_path(f"--{flag}", getattr(model_args, flag))
-    check_data_path("--dataset", dataset)
+    check_data_path("--dataset", dataset, demo_allowed=True)
     check_data_path("--eval_dataset", script_args.eval_dataset)
     if script_args.eval_dataset_split and not script_args.eval_dataset:
         if dataset is None or is_demo(dataset):

@@ -76,7 +76,7 @@ def _select_first(dataset, count: Optional[int], flag: str):
     """The first ``count`` pairs (``--max_*_samples``), keeping each row's file:line in the data report."""
     if count is None or count >= len(dataset):
         return dataset
-    report = data_report(dataset)
+    report = data_report(dataset)  # every data set load_data reads carries one
     subset = dataset.select(range(count))
     return with_report(subset, report.subset(count, f"the first {count} of {len(dataset)} pairs ({flag})"))
 
