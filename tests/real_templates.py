@@ -1,4 +1,4 @@
-"""Local tokenizers carrying the eleven real chat templates of ../shared/chat_templates/.
+"""Local tokenizers carrying the eleven real chat templates of tests/data/chat_templates/ (sources in its README).
 
 Each pairs the demo's tiny byte-level BPE vocabulary with the template text and the
 special tokens of that model's published tokenizer (``NAME.tokens.json``), so a test
@@ -14,9 +14,8 @@ from tokenizers import AddedToken, Tokenizer
 
 from hf_dpo.cli.demo import _base_tokenizer_json
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "shared" / "chat_templates"
-NAMES = sorted(p.name[: -len(".jinja")] for p in TEMPLATE_DIR.glob("*.jinja")) if TEMPLATE_DIR.is_dir() else []
-SKIP_REASON = f"real chat templates not found at {TEMPLATE_DIR} (the shared folder is absent)"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "data" / "chat_templates"
+NAMES = sorted(p.name[: -len(".jinja")] for p in TEMPLATE_DIR.glob("*.jinja"))
 
 
 def build_template_tokenizer(name: str) -> transformers.PreTrainedTokenizerFast:

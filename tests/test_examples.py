@@ -204,8 +204,9 @@ def test_lora_saves_only_the_adapter_which_reproduces_the_policy(tmp_path):
     after = summary["held_out"]["after"]
     assert after["rewards/margins"] > 0.01  # the adapter changed the policy relative to its base
 
+    # The base is named relative to the adapter's folder (no absolute path of this machine in a published file).
     adapter_config = json.loads((output_dir / "adapter_config.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(adapter_config["base_model_name_or_path"])
+    base = AutoModelForCausalLM.from_pretrained(output_dir / adapter_config["base_model_name_or_path"])
     reloaded = held_out_eval(PeftModel.from_pretrained(base, output_dir), output_dir)
     for key in ("eval_logps/chosen", "eval_logps/rejected", "eval_rewards/margins"):
         assert reloaded[key] == pytest.approx(after[key[len("eval_") :]], abs=1e-5), key
@@ -322,8 +323,10 @@ def test_a_loss_list_in_yaml_equals_the_flags(train_module, tmp_path):
 
 
 def test_unknown_config_key_is_refused_by_name(train_module, tmp_path):
+    from hf_dpo.cli.errors import UsageError
+
     (tmp_path / "bad.yaml").write_text("learning_rate: 1e-5\nlerning_rate: 1e-4\n")
-    with pytest.raises(SystemExit, match="lerning_rate"):
+    with pytest.raises(UsageError, match="unknown argument --lerning_rate \\(did you mean --learning_rate\\?\\)"):
         train_module.parse_args([str(tmp_path / "bad.yaml")])
 
 

@@ -1,4 +1,4 @@
-"""The scoring rule on the eleven real chat templates of ../shared/chat_templates/.
+"""The scoring rule on the eleven real chat templates of tests/data/chat_templates/.
 
 For every template and every case: the unscored ids are exactly the tokenized
 inference-time prompt (``apply_chat_template(prompt, add_generation_prompt=True)``),
@@ -9,12 +9,16 @@ rewrite the template made is reported under the kind listed here. With
 """
 
 import pytest
-from real_templates import NAMES, SKIP_REASON, build_template_tokenizer
+from real_templates import NAMES, TEMPLATE_DIR, build_template_tokenizer
 
 from hf_dpo.data import DataError, load_preference_dataset
 from hf_dpo.tokenization import tokenize_dataset, tokenize_row
 
-pytestmark = pytest.mark.skipif(not NAMES, reason=SKIP_REASON)
+
+def test_the_eleven_templates_live_in_the_repository():
+    """A fresh clone runs every template test: the files are in tests/data, so none is skipped for a missing folder."""
+    assert len(NAMES) == 11 and all((TEMPLATE_DIR / f"{name}.tokens.json").is_file() for name in NAMES)
+
 
 END_OF_TURN = {
     "deepseek-v3": "<｜end▁of▁sentence｜>",

@@ -196,3 +196,37 @@ def test_report_goes_through_configured_logging_only_once(tmp_path):
     assert err.count("data report (train): <rows>") == 1
     assert "CONFIGURED hf_dpo.data.report INFO \ndata report (train): <rows>" in err
     assert "[hf_dpo.data.report]" not in err  # our own stderr handler stayed out of it
+
+
+def test_a_json_array_names_its_rows_by_item_and_a_subset_keeps_file_lines(tmp_path):
+    """Issue 19 (7): a JSON array has no useful lines (its rows are file:item N), and a split or selection of the
+    loaded pairs used to lose the sources: the report said 'in-memory rows' and named rows row:231."""
+    from hf_dpo.data import with_report
+    from hf_dpo.data.reading import data_report
+
+    rows = [KNOWN_LINES[0], {"prompt": "q", "chosen": " same", "rejected": " same"}, KNOWN_LINES[8], KNOWN_LINES[5]]
+    array = tmp_path / "pairs.json"
+    array.write_text(json.dumps(rows, indent=2))  # pretty-printed: physical lines mean nothing here
+    dataset = load_preference_dataset(array)
+    report = data_report(dataset)
+    assert report.skip_examples == {"identical_responses": [f"{array}:item 2"]}
+    assert [report.where(r) for r in dataset["row_id"]] == [f"{array}:item 1", f"{array}:item 3", f"{array}:item 4"]
+    from hf_dpo.data import DataError, read_preference_rows
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([rows[0], {"prompt": "q", "chosen": " x", "rejected": ""}]))
+    with pytest.raises(DataError, match=rf"^{bad}:item 2: rejected: is empty or whitespace only$"):
+        read_preference_rows(bad)
+    # A selection keeps the rows' locations; the counts say how the pairs were taken.
+    subset = with_report(dataset.select([1, 2]), report.subset(2, "the last 2 of 3 pairs"))
+    tokenized, sub_report = tokenize_dataset(subset, build_tokenizer("chatml"), max_length=MAX_LENGTH)
+    text = format_data_report(sub_report, "eval", tokenized)
+    # Without max_prompt_length, item 4's 33-token prompt leaves no room for an answer at max_length 16: skipped in
+    # tokenization, where the old report (rebuilt without sources for a subset) named it row:4.
+    assert text.startswith(f"data report (eval): {array}\n  rows        4 read, 1 kept, 2 skipped\n")
+    assert "  taken       the last 2 of 3 pairs\n" in text
+    assert f"response_truncated_away      1  e.g. {array}:item 4\n" in text
+    assert f"(e.g. {array}:item 3 <|im_end|>)" in text and "in-memory rows" not in text
+    # Without with_report (a plain Dataset.select in Python) the locations still hold; only the counts are new.
+    _, plain = tokenize_dataset(dataset.select([1]), build_tokenizer("chatml"), max_length=MAX_LENGTH)
+    assert plain.sources == [str(array)] and plain.where(dataset["row_id"][1]) == f"{array}:item 3"

@@ -11,12 +11,10 @@ import math
 
 import pytest
 import torch
-from real_templates import NAMES, SKIP_REASON, build_template_tokenizer
+from real_templates import NAMES, build_template_tokenizer
 
 from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model
-
-pytestmark = pytest.mark.skipif(not NAMES, reason=SKIP_REASON)
 
 ROWS = [
     {

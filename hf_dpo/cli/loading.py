@@ -1,41 +1,60 @@
 """Models, tokenizer and data for a command-line run: the usual from_pretrained / file / hub calls.
 
-Without ``--model_name_or_path`` (or ``--dataset``) the built-in demo's assets are built
-once on the main process and loaded from disk like any user's.
+The demo's pieces are built only when asked for (no model and no data, or ``demo`` as the
+model or the data): once, on the main process, into ``<output_dir>/demo_assets``, and loaded
+from disk like any user's. A user's model or data never builds or writes them. Loading
+errors that are the user's to fix (a folder without a model, a hub name that does not
+exist) become one :class:`~hf_dpo.cli.errors.UsageError` naming the flag.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..data import load_preference_dataset
+from ..data import data_report, load_preference_dataset, with_report
 from ..training.config import DPOConfig
 from ..training.trainer import NormalizedDPOTrainer
-from .arguments import DTYPES, ModelArguments, ScriptArguments
-from .demo import build_demo
+from .arguments import DTYPES, ModelArguments, ScriptArguments, is_demo, uses_demo_data, uses_demo_model
+from .checks import eval_split_count
+from .demo import build_model, build_tokenizer, write_demo_dataset
+from .errors import UsageError
 
 logger = logging.getLogger("hf_dpo.cli")
 
+DEMO_DIR = "demo_assets"
 
-def demo_assets(directory: Path, training_args: DPOConfig) -> dict[str, Path]:
-    """Build the demo's tokenizer, model and data once (main process), and return their paths."""
-    directory = directory.resolve()
-    paths = {
-        "tokenizer": directory / "tokenizer",
-        "model": directory / "model",
-        "train": directory / "train.jsonl",
-        "eval": directory / "eval.jsonl",
-    }
-    with training_args.main_process_first(local=False, desc="building the demo assets"):
+
+def _on_main_process(training_args: DPOConfig, description: str, build) -> None:
+    """``build()`` on the main process while the others wait (they read what it wrote)."""
+    with training_args.main_process_first(local=False, desc=description):
         if training_args.process_index == 0:
-            built = {key: Path(value).resolve() for key, value in build_demo(directory).items()}
-            if built != paths:  # the other ranks rely on this layout without building
-                raise RuntimeError(f"hf_dpo.demo.build_demo wrote {built}, expected {paths}")
+            build()
+
+
+def demo_data(output_dir: Path, training_args: DPOConfig) -> dict[str, Path]:
+    """The demo's ``train.jsonl`` and ``eval.jsonl``, written into ``output_dir/demo_assets``."""
+    directory = (output_dir / DEMO_DIR).resolve()
+    paths = {"train": directory / "train.jsonl", "eval": directory / "eval.jsonl"}
+    _on_main_process(training_args, "writing the demo's pairs", lambda: write_demo_dataset(directory))
+    return paths
+
+
+def demo_model(output_dir: Path, training_args: DPOConfig) -> dict[str, Path]:
+    """The demo's tokenizer and random-init tiny model, saved into ``output_dir/demo_assets``."""
+    directory = (output_dir / DEMO_DIR).resolve()
+    paths = {"tokenizer": directory / "tokenizer", "model": directory / "model"}
+
+    def build():
+        tokenizer = build_tokenizer("chatml")
+        tokenizer.save_pretrained(paths["tokenizer"])
+        build_model(tokenizer).save_pretrained(paths["model"])
+
+    _on_main_process(training_args, "building the demo model", build)
+    logger.info("built-in demo model: %s", paths["model"])
     return paths
 
 
@@ -45,58 +64,94 @@ def hub_kwargs(script_args: ScriptArguments) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
-def load_data(script_args: ScriptArguments, training_args: DPOConfig, demo: Optional[dict[str, Path]]):
-    """The canonical training and evaluation data sets (evaluation may be None)."""
-    source = script_args.dataset or (demo and demo["train"])
-    if source is None:
-        raise SystemExit("--dataset is required with --model_name_or_path")
-    on_bad_row = training_args.on_bad_row
-    extra = hub_kwargs(script_args)
-    columns = training_args.dataset_columns
-    train = load_preference_dataset(
-        source, split=script_args.dataset_split, on_bad_row=on_bad_row, columns=columns, **extra
+def _read(flag: str, source, **kwargs):
+    """``load_preference_dataset``; a hub data set that cannot be found or fetched is the user's to fix."""
+    try:
+        return load_preference_dataset(source, **kwargs)
+    except (FileNotFoundError, ConnectionError) as err:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        raise UsageError(f"{flag} {source}: {' '.join(str(err).split())}") from err
+
+
+def _select_first(dataset, count: Optional[int], flag: str):
+    """The first ``count`` pairs (``--max_*_samples``), keeping each row's file:line in the data report."""
+    if count is None or count >= len(dataset):
+        return dataset
+    report = data_report(dataset)  # every data set load_data reads carries one
+    subset = dataset.select(range(count))
+    return with_report(subset, report.subset(count, f"the first {count} of {len(dataset)} pairs ({flag})"))
+
+
+def split_off_eval(train, size: float, seed: int):
+    """``--eval_split_size``: the training pairs and the held-out ones, each keeping its rows' file:line."""
+    held_out = eval_split_count(size, len(train))
+    report = data_report(train)
+    split = train.train_test_split(test_size=held_out, seed=seed)
+    how = f"--eval_split_size {size:g}, seed {seed}"
+    train = with_report(split["train"], report.subset(len(split["train"]), f"{held_out} pairs held out ({how})"))
+    evaluation = with_report(
+        split["test"], report.subset(held_out, f"held out from the {report.rows_kept} training pairs ({how})")
+    )
+    return train, evaluation
+
+
+def load_data(script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOConfig):
+    """The canonical training and evaluation data sets (evaluation may be None); the demo's when asked for."""
+    demo = None
+    if uses_demo_data(model_args.model_name_or_path, script_args.dataset):
+        demo = demo_data(Path(training_args.output_dir), training_args)
+    read = {"on_bad_row": training_args.on_bad_row}
+    if not demo:
+        read["columns"] = training_args.dataset_columns  # --dataset_columns maps the user's files, eval included
+    extra = {} if demo else hub_kwargs(script_args)
+    train = _read(
+        "--dataset", demo["train"] if demo else script_args.dataset, split=script_args.dataset_split, **read, **extra
     )
     evaluation = None
     if script_args.eval_dataset or script_args.eval_dataset_split:
         eval_source = script_args.eval_dataset or script_args.dataset
-        if eval_source is None:
-            raise SystemExit("--eval_dataset_split needs --eval_dataset or --dataset to take the split from")
-        if script_args.eval_dataset is None and os.path.exists(eval_source):
-            # A local file has no splits: the "test split" would be the training pairs themselves.
-            raise SystemExit(
-                f"--eval_dataset_split {script_args.eval_dataset_split}: {eval_source} is a local path, which has no splits; "
-                "pass --eval_dataset FILE or --eval_split_size instead"
-            )
-        evaluation = load_preference_dataset(
+        flag = "--eval_dataset" if script_args.eval_dataset else "--eval_dataset_split"
+        evaluation = _read(
+            flag,
             eval_source,
             split=script_args.eval_dataset_split,
-            on_bad_row=on_bad_row,
-            columns=columns,
+            **read,
             **(extra if not script_args.eval_dataset else {}),
         )
     elif script_args.eval_split_size > 0:
-        size = script_args.eval_split_size
-        split = train.train_test_split(test_size=int(size) if size >= 1 else size, seed=training_args.seed)
-        train, evaluation = split["train"], split["test"]
-    elif script_args.dataset is None and demo is not None:
-        evaluation = load_preference_dataset(demo["eval"], on_bad_row=on_bad_row)
-    if script_args.max_train_samples is not None:
-        train = train.select(range(min(script_args.max_train_samples, len(train))))
-    if evaluation is not None and script_args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(script_args.max_eval_samples, len(evaluation))))
+        train, evaluation = split_off_eval(train, script_args.eval_split_size, training_args.seed)
+    elif demo is not None:
+        evaluation = _read("--dataset", demo["eval"], **read)
+    train = _select_first(train, script_args.max_train_samples, "--max_train_samples")
+    if evaluation is not None:
+        evaluation = _select_first(evaluation, script_args.max_eval_samples, "--max_eval_samples")
     return train, evaluation
 
 
-def load_tokenizer(name: str, training_args: DPOConfig, revision: Optional[str] = None):
+def _load(loader, flag: str, name: str, **kwargs):
+    """``loader.from_pretrained(name)``; what it refuses (a folder without a model, an unknown or invalid hub name,
+    a model type this transformers does not know) is about the user's model: one line naming the flag."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{flag} {name}: cannot load it: {' '.join(str(err).split())}") from err
+
+
+def load_tokenizer(name: str, training_args: DPOConfig, revision: Optional[str] = None, flag: str = "--tokenizer"):
     kwargs: dict[str, Any] = {"trust_remote_code": training_args.trust_remote_code}
     if revision:
         kwargs["revision"] = revision
     # A tokenizer without a pad token is left as it is (and saved so): the trainer's collator pads with EOS then,
     # which is safe because masks come from the response mask, never from input_ids != pad_token_id.
-    return AutoTokenizer.from_pretrained(name, **kwargs)
+    return _load(AutoTokenizer, flag, name, **kwargs)
 
 
-def load_model(name: str, model_args: ModelArguments, training_args: DPOConfig, revision: Optional[str] = None):
+def load_model(
+    name: str,
+    model_args: ModelArguments,
+    training_args: DPOConfig,
+    revision: Optional[str] = None,
+    flag: str = "--model_name_or_path",
+):
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[model_args.torch_dtype],
         "trust_remote_code": training_args.trust_remote_code,
@@ -105,7 +160,7 @@ def load_model(name: str, model_args: ModelArguments, training_args: DPOConfig, 
         kwargs["attn_implementation"] = model_args.attn_implementation
     if revision:
         kwargs["revision"] = revision
-    return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    return _load(AutoModelForCausalLM, flag, name, **kwargs)
 
 
 def lora_config(model_args: ModelArguments):
@@ -126,37 +181,43 @@ def wants_lora_config(model_args: ModelArguments, training_args: DPOConfig) -> b
     return model_args.use_peft or bool(training_args.ref_adapter and training_args.policy_adapter == "new")
 
 
-def dataset_names(script_args: ScriptArguments, demo: Optional[dict[str, Path]]) -> list[str]:
+def dataset_names(script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOConfig) -> list[str]:
     """The data sets named on the command line (or the demo's files), for the model card."""
-    names = [script_args.dataset or (demo and str(demo["train"]))]
-    names.append(script_args.eval_dataset or (demo and script_args.dataset is None and str(demo["eval"])) or None)
+    demo = Path(training_args.output_dir) / DEMO_DIR
+    uses_demo = uses_demo_data(model_args.model_name_or_path, script_args.dataset)
+    names = [str(demo / "train.jsonl") if uses_demo else script_args.dataset]
+    names.append(script_args.eval_dataset or (str(demo / "eval.jsonl") if uses_demo else None))
     return list(dict.fromkeys(str(n) for n in names if n))
 
 
 def build_trainer(
-    script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOConfig
+    script_args: ScriptArguments, model_args: ModelArguments, training_args: DPOConfig, train_dataset, eval_dataset
 ) -> NormalizedDPOTrainer:
-    """Models, tokenizer and data loaded with the usual from_pretrained / file / hub calls (the demo's from disk)."""
-    demo = None
-    if model_args.model_name_or_path is None or script_args.dataset is None:
-        demo = demo_assets(Path(training_args.output_dir) / "demo_assets", training_args)
-        logger.info("built-in demo: assets in %s", demo["model"].parent)
-    model_name = model_args.model_name_or_path or str(demo["model"])
-    tokenizer_name = model_args.tokenizer_name_or_path or (model_args.model_name_or_path or str(demo["tokenizer"]))
+    """Models and tokenizer loaded with the usual from_pretrained calls (the demo's from disk), and the trainer."""
+    model_name, tokenizer_name = model_args.model_name_or_path, model_args.tokenizer_name_or_path
     revision = model_args.model_revision
-    train_dataset, eval_dataset = load_data(script_args, training_args, demo)
+    if uses_demo_model(model_name, script_args.dataset):
+        demo = demo_model(Path(training_args.output_dir), training_args)
+        model_name, revision = str(demo["model"]), None
+        tokenizer_name = tokenizer_name or str(demo["tokenizer"])
+    ref_name = model_args.ref_model_name_or_path
+    if ref_name is not None and is_demo(ref_name):
+        ref_name = str(demo_model(Path(training_args.output_dir), training_args)["model"])
     trainer = NormalizedDPOTrainer(
         model=load_model(model_name, model_args, training_args, revision),
-        ref_model=load_model(model_args.ref_model_name_or_path, model_args, training_args)
-        if model_args.ref_model_name_or_path
+        ref_model=load_model(ref_name, model_args, training_args, flag="--ref_model_name_or_path")
+        if ref_name
         else None,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=load_tokenizer(
-            tokenizer_name, training_args, revision if not model_args.tokenizer_name_or_path else None
+            tokenizer_name or model_name,
+            training_args,
+            revision if not model_args.tokenizer_name_or_path else None,
+            "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path",
         ),
         peft_config=lora_config(model_args) if wants_lora_config(model_args, training_args) else None,
     )
-    trainer.model_card_datasets = dataset_names(script_args, demo)
+    trainer.model_card_datasets = dataset_names(script_args, model_args, training_args)
     return trainer

@@ -54,11 +54,30 @@ def curves_from_log_history(log_history: Iterable[dict], keys: Iterable[str]) ->
     return curves
 
 
+def _label(name: str, split: str, steps: list[int], values: list[float]) -> str:
+    """The legend entry: the series and its last logged value with its step, as the model card names them."""
+    return f"{name} {split}".strip() + f", step {steps[-1]}: {values[-1]:.4g}"
+
+
 def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLike], title: str = "") -> Path:
-    """Draw :data:`PANELS` from ``log_history`` into the PNG ``path``; returns the path.
+    """Draw :func:`draw_training_curves` into the PNG ``path``; returns the path. Raises ``ImportError`` when
+    matplotlib is not installed."""
+    figure = draw_training_curves(log_history, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    logger.info("wrote training curves to %s", path)
+    return path
+
+
+def draw_training_curves(log_history: Iterable[dict], title: str = ""):
+    """A matplotlib ``Figure`` of :data:`PANELS` drawn from ``log_history``, one axes per panel.
 
     Training series are solid lines, evaluation series dashed with markers (the
-    evaluation before training sits at step 0). Raises ``ImportError`` when
+    evaluation before training sits at step 0); a series of one or two points has
+    markers, and each legend entry names the series' last value and its step. Without
+    a per-step training loss (fewer steps than ``logging_steps``) the loss panel shows
+    train()'s mean over the run at the last step. Raises ``ImportError`` when
     matplotlib is not installed.
     """
     try:
@@ -73,6 +92,7 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
 
     log_history = list(log_history)
     curves = curves_from_log_history(log_history, [key for _, _, keys in PANELS for key in keys])
+    summary = next((e for e in reversed(log_history) if "train_loss" in e and "step" in e), {})
     figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, 2).flatten()
@@ -83,11 +103,33 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
             label = key.split("/")[-1] if len(keys) > 1 else ""
             if "train" in curves[key]:
                 steps, values = curves[key]["train"]
-                ax.plot(steps, values, color=color, linewidth=1.2, label=f"{label} train".strip())
+                # A lone point drawn as a line is invisible: points get a marker (a one-step run, a short run).
+                marker = "o" if len(steps) <= 2 else None
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linewidth=1.2,
+                    marker=marker,
+                    label=_label(label, "train", steps, values),
+                )
+                drawn = True
+            elif key == "loss" and "train_loss" in summary:
+                # Fewer steps than --logging_steps: no per-step loss, only train()'s mean over the run.
+                ax.plot(
+                    [summary["step"]],
+                    [summary["train_loss"]],
+                    color=color,
+                    marker="s",
+                    linestyle="none",
+                    label=f"train, mean of steps 1-{summary['step']}: {summary['train_loss']:.4g}",
+                )
                 drawn = True
             if "eval" in curves[key]:
                 steps, values = curves[key]["eval"]
-                ax.plot(steps, values, color=color, linestyle="--", marker="o", label=f"{label} eval".strip())
+                ax.plot(
+                    steps, values, color=color, linestyle="--", marker="o", label=_label(label, "eval", steps, values)
+                )
                 drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
@@ -100,8 +142,4 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
         ax.grid(alpha=0.3)
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    logger.info("wrote training curves to %s", path)
-    return path
+    return figure

@@ -7,7 +7,7 @@ canonical row (or a :class:`DataError`) with ``columns`` (the column mapping), `
 """
 
 from .errors import UNTRAINABLE, DataError
-from .reading import data_report, is_canonical, load_preference_dataset, read_preference_rows
+from .reading import data_report, is_canonical, load_preference_dataset, read_preference_rows, with_report
 from .report import DataReport
 from .rows import LAYOUTS, MESSAGE_LAYOUTS, ROLES, detect_layout, validate_row
 
@@ -24,4 +24,5 @@ __all__ = [
     "load_preference_dataset",
     "read_preference_rows",
     "validate_row",
+    "with_report",
 ]

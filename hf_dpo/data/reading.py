@@ -29,7 +29,7 @@ from typing import Any, Optional, Union
 import datasets
 
 from .columns import parse_columns
-from .errors import UNTRAINABLE, DataError
+from .errors import UNTRAINABLE, DataError, place
 from .report import DataReport
 from .rows import canonicalise
 from .sources import open_with_datasets, source_kind
@@ -73,13 +73,14 @@ def _json_document_rows(path: Path) -> Optional[list]:
     return data if isinstance(data, list) else None
 
 
-def _iter_file(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_file(path: Path) -> tuple[Iterator[tuple[int, Any]], str]:
+    """The file's ``(row number, row)`` pairs and what the number counts (``"line"``, or ``"item"``)."""
     if path.suffix == ".json":
         rows = _json_document_rows(path)
         if rows is not None:
-            # A JSON array has no useful physical lines; rows are numbered from 1 in order.
-            return enumerate(rows, start=1)
-    return _iter_jsonl(path)
+            # A JSON array has no useful physical lines; rows are numbered from 1 in order: file:item N.
+            return enumerate(rows, start=1), "item"
+    return _iter_jsonl(path), "line"
 
 
 def _files_in(directory: Path) -> list[Path]:
@@ -91,8 +92,9 @@ def _files_in(directory: Path) -> list[Path]:
 
 def _rows_of(
     source: Any, split: Optional[str], hub_options: Optional[dict] = None
-) -> Iterable[tuple[str, Iterable[tuple[int, Any]]]]:
-    """Yield ``(source label, iterator of (row id, raw row))`` for every part of ``source``.
+) -> Iterable[tuple[str, Iterable[tuple[int, Any]], str]]:
+    """Yield ``(source label, iterator of (row id, raw row), unit)`` for every part of ``source``; ``unit`` says
+    what the row id counts in messages (``"line"``, or ``"item"`` in a JSON array).
 
     ``hub_options`` (``name``, ``data_files``, ``revision``) go to ``datasets.load_dataset``;
     which reader a string source goes to is decided in :func:`hf_dpo.data.sources.source_kind`.
@@ -100,12 +102,12 @@ def _rows_of(
     hub_options = {k: v for k, v in (hub_options or {}).items() if v is not None}
     if isinstance(source, (datasets.Dataset, list)):
         label = "<dataset>" if isinstance(source, datasets.Dataset) else "<rows>"
-        yield label, enumerate(source)
+        yield label, enumerate(source), "line"
         return
     if isinstance(source, datasets.DatasetDict):
         if split is None and "train" not in source:
             raise ValueError(f"a DatasetDict needs split=; available: {list(source)}")
-        yield f"<dataset:{split or 'train'}>", enumerate(source[split or "train"])
+        yield f"<dataset:{split or 'train'}>", enumerate(source[split or "train"]), "line"
         return
     text = os.fspath(source)
     kind = source_kind(text)
@@ -117,10 +119,10 @@ def _rows_of(
             )
         path = Path(text).expanduser()
         for file in _files_in(path) if kind == "rows_dir" else [path]:
-            yield str(file), _iter_file(file)
+            yield str(file), *_iter_file(file)
         return
     label, data = open_with_datasets(kind, text, split, **hub_options)
-    yield label, enumerate(data)
+    yield label, enumerate(data), "line"
 
 
 def read_preference_rows(
@@ -151,9 +153,10 @@ def read_preference_rows(
     report = DataReport(columns=dict(columns or {}))
     rows: list[dict[str, Any]] = []
     offset = 0
-    for label, items in _rows_of(source, split, {"name": name, "data_files": data_files, "revision": revision}):
+    for label, items, unit in _rows_of(source, split, {"name": name, "data_files": data_files, "revision": revision}):
         report.sources.append(label)
         report.offsets.append(offset)
+        report.units.append(unit)
         last_line = 0
         for line, raw in items:
             last_line = line
@@ -164,10 +167,10 @@ def read_preference_rows(
                 # Each row is canonicalised on its own, so the layouts may be mixed in one source (counted per layout).
                 canonical, notes = canonicalise(raw, columns)
             except DataError as err:
-                located = err.at(label, line)
+                located = err.at(label, line, unit)
                 if on_bad_row == "error" and err.code not in UNTRAINABLE:
                     raise located from None
-                report.skip(err.code, f"{label}:{line}")
+                report.skip(err.code, f"{label}:{place(line, unit)}")
                 logger.debug("skipped %s", located)
                 continue
             for note in notes:
@@ -257,6 +260,13 @@ def data_report(dataset: datasets.Dataset) -> Optional[DataReport]:
     if not description.startswith(REPORT_MARKER):
         return None
     return DataReport.from_dict(json.loads(description[len(REPORT_MARKER) :]))
+
+
+def with_report(dataset: datasets.Dataset, report: DataReport) -> datasets.Dataset:
+    """``dataset`` carrying ``report`` for :func:`data_report`: after a split or a selection, so that the subset's
+    report keeps the source's rows located as ``file:line`` (see :meth:`DataReport.subset`)."""
+    dataset.info.description = REPORT_MARKER + json.dumps(report.to_dict())
+    return dataset
 
 
 def is_canonical(dataset: datasets.Dataset) -> bool:

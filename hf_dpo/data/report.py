@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import place
+
 logger = logging.getLogger(__name__)
 
 EXAMPLE_LINES = 3
@@ -34,6 +36,8 @@ class DataReport:
     sources: list[str] = field(default_factory=list)
     # Row-id offset of each source (parallel to ``sources``): row_id = offset + line.
     offsets: list[int] = field(default_factory=list)
+    # What a row number counts in each source (parallel to ``sources``): "line", or "item" in a JSON array.
+    units: list[str] = field(default_factory=list)
     rows_read: int = 0
     rows_kept: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -43,6 +47,8 @@ class DataReport:
     counter_examples: dict[str, list[str]] = field(default_factory=dict)
     # The column mapping the rows were read with, hf_dpo's name -> the data's (hf_dpo.data.columns).
     columns: dict[str, str] = field(default_factory=dict)
+    # How these pairs were taken from the source's kept pairs (a split, a selection), one line each.
+    notes: list[str] = field(default_factory=list)
 
     def skip(self, code: str, where: str) -> None:
         self.skipped[code] += 1
@@ -68,15 +74,30 @@ class DataReport:
                 return source, row_id - offset
         return "row", row_id
 
+    def unit(self, row_id: int) -> str:
+        """What the number :meth:`locate` gives counts: ``"line"``, or ``"item"`` in a JSON array."""
+        source, _ = self.locate(row_id)
+        units = dict(zip(self.sources, self.units))
+        return units.get(source, "line")
+
     def where(self, row_id: int) -> str:
-        """``"file:line"`` of a ``row_id``, for messages."""
+        """``"file:line"`` of a ``row_id`` (``"file:item N"`` in a JSON array), for messages."""
         source, line = self.locate(row_id)
-        return f"{source}:{line}"
+        return f"{source}:{place(line, self.unit(row_id))}"
+
+    def subset(self, rows: int, note: str) -> DataReport:
+        """The report of ``rows`` pairs taken from these (a split, a selection): same sources and row locations,
+        ``rows`` kept, and ``note`` saying how they were taken."""
+        subset = DataReport.from_dict(self.to_dict())
+        subset.rows_kept = rows
+        subset.notes.append(note)
+        return subset
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "sources": self.sources,
             "offsets": self.offsets,
+            "units": self.units,
             "rows_read": self.rows_read,
             "rows_kept": self.rows_kept,
             "skipped": dict(self.skipped),
@@ -84,6 +105,7 @@ class DataReport:
             "counters": dict(self.counters),
             "counter_examples": self.counter_examples,
             "columns": self.columns,
+            "notes": self.notes,
         }
 
     @classmethod
@@ -91,6 +113,7 @@ class DataReport:
         return cls(
             sources=list(data.get("sources", [])),
             offsets=list(data.get("offsets", [])),
+            units=list(data.get("units", [])),
             rows_read=data.get("rows_read", 0),
             rows_kept=data.get("rows_kept", 0),
             skipped=Counter(data.get("skipped", {})),
@@ -98,6 +121,7 @@ class DataReport:
             counters=Counter(data.get("counters", {})),
             counter_examples={k: list(v) for k, v in data.get("counter_examples", {}).items()},
             columns=dict(data.get("columns", {})),
+            notes=list(data.get("notes", [])),
         )
 
 
@@ -137,6 +161,7 @@ def format_data_report(report: DataReport, name: str = "train", dataset=None) ->
     pairs = counters.get("pairs_tokenized", report.rows_kept)
     lines = [f"data report ({name}): {', '.join(report.sources) or 'in-memory rows'}"]
     lines.append(f"  rows        {report.rows_read} read, {pairs} kept, {report.rows_skipped} skipped")
+    lines += [f"  taken       {note}" for note in report.notes]
     if report.skipped:
         width = max(len(code) for code in report.skipped)
         for code, count in sorted(report.skipped.items(), key=lambda item: (-item[1], item[0])):

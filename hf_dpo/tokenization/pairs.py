@@ -51,7 +51,8 @@ STAT_COLUMNS = (
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    # verbose=False: no "sequence length is longer than the maximum" warning for text that truncation cuts anyway.
+    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
 
 def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], full_text: str) -> tuple[list[int], bool]:
@@ -72,7 +73,7 @@ def _earlier_answer_mask(
     of the next turn is ever scored.
     """
     spans = earlier_answer_spans(tokenizer, prompt, prompt_text, kwargs)
-    encoded = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(prompt_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     if encoded["input_ids"] != prompt_ids:
         raise DataError(
             "the prompt tokenizes differently with offsets; cannot place earlier answers", code="template_mismatch"
@@ -276,16 +277,19 @@ def tokenize_dataset(
         raise ValueError("the tokenizer has no chat_template, which message rows need; set tokenizer.chat_template")
     if report is None:
         report = data_report(dataset)
-        # A selected or filtered subset keeps its parent's description; its counts no longer apply.
-        if report is None or report.rows_kept != len(dataset):
+        if report is None:
             report = DataReport(rows_read=len(dataset), rows_kept=len(dataset))
+        elif report.rows_kept != len(dataset):
+            # A selected or filtered subset keeps its parent's description: its rows are still located as
+            # file:line, but its counts no longer apply.
+            report = report.subset(len(dataset), f"{len(dataset)} of the {report.rows_kept} pairs read")
 
     def encode(row):
         try:
             return tokenize_row(row, tokenizer, max_length, max_prompt_length, completion_turns, chat_template_kwargs)
         except DataError as err:
             if on_bad_row != "skip":
-                raise err.at(*report.locate(row["row_id"])) from None
+                raise err.at(*report.locate(row["row_id"]), report.unit(row["row_id"])) from None
             return _failed_row(err.code)
 
     count_special_token_text(dataset, tokenizer, report)
@@ -309,7 +313,9 @@ def tokenize_dataset(
         ),
         report,
     )
-    kept = tokenized.filter(lambda reason: reason == "", input_columns="skip_reason", desc="Dropping untrainable pairs")
+    # Untrainable pairs go by index: a filter() pass would draw a progress bar for a few milliseconds' work.
+    reasons = list(tokenized["skip_reason"])
+    kept = tokenized.select([i for i, reason in enumerate(reasons) if not reason]) if any(reasons) else tokenized
     report.counters["pairs_tokenized"] += len(kept)
     if len(kept) == 0:
         raise DataError(

@@ -128,7 +128,7 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
         default="last",
         metadata={
             "help": _choices_help(
-                "Which assistant turns are scored: only the final answer, or every assistant turn of the conversation.",
+                "Which assistant turns are scored: the final answer (last) or every assistant turn (all).",
                 COMPLETION_TURNS_CHOICES,
             ),
             "choices": list(COMPLETION_TURNS_CHOICES),
@@ -138,9 +138,9 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
         default="auto",
         metadata={
             "help": _choices_help(
-                "Reference for the log-ratios: a separate frozen model, the PEFT model with its adapter disabled, "
-                "or none (reference-free losses). auto: the given ref_model, else the disabled adapter for a PEFT "
-                "model, else none for reference-free losses, else a frozen copy of the initial policy.",
+                "Reference for the log-ratios; model: a separate frozen model, adapter: the PEFT model with its "
+                "adapter disabled, none: reference-free losses. auto: the given ref_model, else the disabled adapter "
+                "for a PEFT model, else none for reference-free losses, else a frozen copy of the initial policy.",
                 REFERENCE_CHOICES,
             ),
             "choices": list(REFERENCE_CHOICES),
@@ -150,7 +150,7 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
         default="error",
         metadata={
             "help": _choices_help(
-                "What a malformed data row does: stop with an error naming file and line, or count and skip it.",
+                "What a malformed data row does; error: stop, naming its file and line; skip: count and skip it.",
                 ON_BAD_ROW_CHOICES,
             ),
             "choices": list(ON_BAD_ROW_CHOICES),
@@ -160,7 +160,7 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
         default="error",
         metadata={
             "help": _choices_help(
-                "What a NaN or infinite training loss does: stop with an error naming the rows of the batch, or skip "
+                "What a NaN or infinite training loss does; error: stop, naming the rows of the batch; skip: skip "
                 "that optimizer step (parameters, optimizer state and learning rate untouched) and count it in the "
                 "logs as nonfinite_loss_skipped.",
                 NONFINITE_LOSS_CHOICES,
@@ -183,15 +183,15 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
     response_only_logits: bool = field(
         default=True,
         metadata={
-            "help": "Project only the last hidden states that predict scored tokens through the output embedding, in "
-            "chunks recomputed in backward instead of stored logits. Models whose logits are not a plain projection "
+            "help": "Project only the hidden states that predict scored tokens, in chunks recomputed in backward; "
+            "saves the stored logits. Models whose logits are not a plain projection "
             "(soft-capping, logit scaling, PEFT or quantized heads, sharded weights) are detected and use their full logits."
         },
     )
     padding_free: str = field(
         default="auto",
         metadata={
-            "help": "auto, true or false. Pack each batch's 2B sequences into rows without padding; positions restart per "
+            "help": "Pack each batch's 2B sequences into rows without padding (auto, true or false); positions restart per "
             "sequence and attention never crosses sequences (sdpa/eager: an explicit mask; flash attention: from "
             "position_ids). auto: on when padding is at least 10 percent of the padded batch and the model passes the "
             "first-batch check, in rows bounded by the longest sequence on sdpa/eager.",
@@ -202,8 +202,8 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
     padding_free_max_row_tokens: Optional[int] = field(
         default=None,
         metadata={
-            "help": "With padding_free: pack sequences into rows of at most this many tokens, or of the batch's longest "
-            "sequence if longer (first fit, longest first), instead of one row. SDPA/eager attention computes the whole "
+            "help": "With padding_free, rows of at most this many tokens (or the longest sequence) instead of one row; "
+            "packed first fit, longest first. SDPA/eager attention computes the whole "
             "row x row mask, so one row costs (batch tokens)^2; 1 (rows as long as the longest sequence) keeps it near "
             "the padded cost. Leave unset for flash attention, whose variable-length kernel prefers one row."
         },
@@ -211,7 +211,7 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
     share_prompt: str = field(
         default="auto",
         metadata={
-            "help": "auto, true or false. Compute each pair's prompt once: lay out [prompt | chosen | rejected], the "
+            "help": "Compute each pair's prompt once (auto, true or false); lay out [prompt | chosen | rejected], the "
             "rejected tokens attending to the prompt but not to the chosen ones (needs attn_implementation sdpa, eager or "
             "flex_attention). auto: on when prompts are at least 10 percent of the tokens and the model passes the first-batch check.",
             "nargs": "?",
@@ -221,21 +221,21 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
     precompute_ref_logps: bool = field(
         default=False,
         metadata={
-            "help": "Score the train and eval sets with the reference once before training (cached on disk, keyed by "
-            "data, reference weights, tokenizer and truncation settings), then release the reference model."
+            "help": "Score the data with the reference once before training, then release the reference model; "
+            "cached on disk, keyed by data, reference weights, tokenizer and truncation settings."
         },
     )
     precompute_ref_batch_size: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Pairs per batch when precomputing reference log-probs (default: per_device_eval_batch_size)."
+            "help": "Pairs per batch when precomputing reference log-probs. Default: --per_device_eval_batch_size."
         },
     )
     ref_logps_cache_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Directory of the precomputed reference log-probs cache (default: $HF_DPO_CACHE/ref_logps, "
-            "HF_DPO_CACHE defaulting to ~/.cache/hf_dpo); an empty string turns the disk cache off."
+            "help": "Folder of the precomputed reference log-probs cache; an empty string turns the disk cache off. "
+            "Default: $HF_DPO_CACHE/ref_logps (HF_DPO_CACHE defaults to ~/.cache/hf_dpo)."
         },
     )
     # TrainingArguments' defaults suit supervised fine-tuning; these suit DPO (docs/usage.md, "Defaults").
@@ -274,8 +274,8 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
     chat_template_kwargs: Optional[Union[dict, str]] = field(
         default=None,
         metadata={
-            "help": "Keyword arguments passed to every chat template call, as a dict or a JSON object string, e.g. "
-            "'{\"enable_thinking\": false}' for Qwen3; a row's own chat_template_kwargs update them for that row."
+            "help": "Keyword arguments for every chat template call, e.g. '{\"enable_thinking\": false}' for Qwen3; "
+            "a dict or a JSON object string; a row's own chat_template_kwargs update them for that row."
         },
     )
     dataset_columns: Optional[Union[dict, str]] = field(
@@ -289,17 +289,16 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
     router_aux_loss_coef: Optional[float] = field(
         default=None,
         metadata={
-            "help": "Weight of the mixture-of-experts router load-balancing loss added to the DPO loss (policy only, "
-            "logged as aux_loss). Default: the model config's router_aux_loss_coef when its output_router_logits is "
-            "true, else off; 0 logs aux_loss without training on it."
+            "help": "Weight of the MoE router load-balancing loss added to the DPO loss; policy only, logged as "
+            "aux_loss, 0 logs it without training on it. Default: the model config's router_aux_loss_coef when its "
+            "output_router_logits is true, else off."
         },
     )
     trust_remote_code: bool = field(
         default=False,
         metadata={
-            "help": "Allow custom modeling and tokenizer code from a checkpoint's directory or hub repository "
-            "(auto_map) whenever hf_dpo or hf-dpo loads a model or tokenizer by name or path. Off by default: "
-            "it runs that code."
+            "help": "Run a checkpoint's own model and tokenizer code (auto_map); off by default, as it runs that "
+            "code. Applies whenever hf_dpo or hf-dpo loads a model or tokenizer by name or path."
         },
     )
 

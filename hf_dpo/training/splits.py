@@ -23,7 +23,11 @@ def map_splits(fn: Callable[[Any, str], Any], train, evaluation) -> tuple[Any, A
 
 
 class DataReportCallback(TrainerCallback):
-    """Logs the data reports once, on the main process, when training begins."""
+    """Logs the data reports once, on the main process, when training begins.
+
+    The trainer puts it first among its callbacks, so that the reports print before the progress
+    bar starts: after it, in a pipe, they would be glued onto the bar's unfinished line.
+    """
 
     def __init__(self, splits: Callable[[], dict], args):
         self.splits = splits

@@ -136,7 +136,7 @@ class NormalizedDPOTrainer(Trainer):
         self.layout_check = LayoutCheck(
             self.layout.name, self.layout.explicit, self.score, getattr(self.data_collator, "use_padded", None)
         )
-        self.add_callback(DataReportCallback(self._data_report_splits, args))
+        self.callback_handler.callbacks.insert(0, DataReportCallback(self._data_report_splits, args))
         launch = check_launch(args, self.accelerator, self.reference_mode)  # refuses a launch without its engine
         self.response_only_logits = launch.response_only_logits
         self.guards = TrainingGuards(args, self.accelerator, self.reference_mode, lambda: self.ref_model, self._where)
