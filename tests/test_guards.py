@@ -14,7 +14,8 @@ from hf_dpo import DPOConfig, NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.losses import sft_nll
 from hf_dpo.scoring.logprobs import response_logp_sums, sequence_logps
-from hf_dpo.training.guards import FIRST_STEP_RTOL, LN2, NonFiniteLossError, beta_warning, initial_loss
+from hf_dpo.training.guards import NonFiniteLossError
+from hf_dpo.training.selfcheck import FIRST_STEP_RTOL, LN2, beta_warning, initial_loss
 
 datasets.disable_progress_bars()
 POISONED_ROW = 2
@@ -333,7 +334,7 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
     assert beta_warning(config(tmp_path)) is None  # default 2.0
     assert beta_warning(config(tmp_path, beta=0.1, length_normalize=False)) is None
 
-    with caplog.at_level(logging.INFO, logger="hf_dpo.training.guards"):
+    with caplog.at_level(logging.INFO, logger="hf_dpo.training.selfcheck"):
         NormalizedDPOTrainer(
             model=tiny_model(tokenizer),
             args=carried,
@@ -341,6 +342,6 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
             processing_class=tokenizer,
         )
     warnings = [
-        r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.guards" and r.levelno == logging.WARNING
+        r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.selfcheck" and r.levelno == logging.WARNING
     ]
     assert warnings == [message]  # once, at construction
