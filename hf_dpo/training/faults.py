@@ -55,6 +55,8 @@ def failure_line(rank: int, position: str, error: BaseException) -> str:
     """``rank R failed <position>: ErrorType: first line of the message`` (one line, at most ~500 characters)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "..."
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        text += " (a collective operation timed out: another process did not join it in time, see its log)"
     return f"rank {rank} failed {position}: {type(error).__name__}: {text}"
 
 

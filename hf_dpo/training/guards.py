@@ -110,6 +110,7 @@ class TrainingGuards(TrainerCallback):
         self._marked_overflow = False
         self._first_step_checked = False
         self._step: Optional[int] = None
+        self._step_done = False
         self._step_rows: list[int] = []
         warn_about_beta(args)
 
@@ -134,9 +135,12 @@ class TrainingGuards(TrainerCallback):
         return self.accelerator.process_index if self.accelerator.num_processes > 1 else None
 
     def position(self) -> str:
-        """Where training is, for failure messages: ``at step N (rows of the step: ...)`` or ``before training``."""
+        """Where training is, for failure messages: ``at step N (rows of the step: ...)``, ``after step N (...)`` or
+        ``before training``."""
         if self._step is None:
             return "before training"
+        if self._step_done:
+            return f"after step {self._step} (logging, evaluating, saving or reading the next batch)"
         rows = ", ".join(self.where(row_id) for row_id in self._step_rows) or "not read yet"
         return f"at step {self._step} (rows of the step: {rows})"
 
@@ -213,6 +217,7 @@ class TrainingGuards(TrainerCallback):
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         self._skip_pending = False
         self._step = state.global_step + 1
+        self._step_done = False
         self._step_rows = []
         if self._marked_overflow and optimizer is not None:
             optimizer._is_overflow = False
@@ -262,6 +267,7 @@ class TrainingGuards(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.loss_log.end_step()
+        self._step_done = True
 
 
 def gradients_finite(optimizer) -> bool:
