@@ -281,12 +281,14 @@ def main(engine, fixture, out, mode):
         AcceleratorState._reset_state()
         options = dict(options)
         phase_extra = {**extra, **options.pop("extra", {})}
+        started = time.time()
         try:
             result[name] = run_phase(engine, fixture, options.pop("out", out / name), extra=phase_extra, **options)
         except Exception as error:  # noqa: BLE001 - DeepSpeed refuses nonfinite_loss=skip at construction
             if name != "nan_skip" or not engine.startswith("zero"):
                 raise
             result[name] = {"refused": [type(error).__name__, str(error)]}
+        result[name]["seconds"] = time.time() - started
         if int(os.environ.get("RANK", "0")) == 0:
             (out / "result.json").write_text(json.dumps(result))
     if dist.is_initialized():

@@ -97,11 +97,14 @@ def engine_run(request, fixture_dir, tmp_path_factory):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp(engine)
+    started = time.time()
     kill = launch(engine, fixture_dir, root / "kill", "kill")
     main = launch(engine, fixture_dir, root / "main", "main")
+    print(f"{engine}: kill launch {kill['ended'] - started:.1f} s, main launch {main['ended'] - kill['ended']:.1f} s")
     assert (root / "main" / "result.json").is_file(), tail(main)
     result = json.loads((root / "main" / "result.json").read_text())
     assert "nan_skip" in result, tail(main)  # every phase before the terminal one finished
+    print(f"{engine} phases (s):", {name: round(phase["seconds"], 1) for name, phase in result.items()})
     return {"engine": engine, "kill": kill, "main": main, "result": result}
 
 
