@@ -214,6 +214,35 @@ def test_logged_loss_is_the_mean_of_the_finite_step_losses_with_the_count_of_the
     assert summary["train_loss"] == pytest.approx(sum(finite.values()) / 2, abs=1e-6)
 
 
+def test_logged_loss_equals_trainers_own_when_every_loss_is_finite(tmp_path, tokenizer, monkeypatch):
+    """5 rows, batch 1, accumulation 2: steps of 2, 2, 1 (the epoch's end) and 2 micro-batches, logged every 2 steps.
+    The replaced loss and train_loss equal Trainer's own numbers (captured before the replacement) within float32
+    accumulation noise."""
+    replaced = []
+    original = LossLog.update
+
+    def record(self, logs):
+        before = dict(logs)
+        original(self, logs)
+        replaced.append((before, dict(logs)))
+
+    monkeypatch.setattr(LossLog, "update", record)
+    args = config(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    trainer = NormalizedDPOTrainer(
+        model=tiny_model(tokenizer),
+        args=args,
+        train_dataset=make_preference_rows(5, seed=0),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    pairs = [(before[key], after[key]) for before, after in replaced for key in ("loss", "train_loss") if key in before]
+    assert len(pairs) == 3  # steps 1-2, steps 3-4, train_loss
+    for trainers, ours in pairs:
+        assert ours == pytest.approx(trainers, abs=1e-6)
+    assert len({round(ours, 4) for _, ours in pairs}) == 3  # three different numbers
+    assert not any("loss_nonfinite" in after for _, after in replaced)
+
+
 def test_skipped_steps_in_a_row_stop_the_run(tmp_path, tokenizer):
     """Every row NaN: with nonfinite_max_consecutive_skips=3 the third skipped step raises, and nothing was updated."""
 
