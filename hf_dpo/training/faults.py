@@ -40,8 +40,10 @@ from .checkpoints import CheckpointProcesses
 
 logger = logging.getLogger(__name__)
 
-FAILURE_KEY = "hf_dpo/failure"
-SEEN_KEY = "hf_dpo/failure_seen"
+# torchrun gives each restart of the workers a new store; the attempt in the key guards against any that does not.
+_ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+FAILURE_KEY = f"hf_dpo/failure/{_ATTEMPT}"
+SEEN_KEY = f"hf_dpo/failure_seen/{_ATTEMPT}"
 FAILURE_POLL_S = 1.0  # how often each process looks for a failure posted by another
 FAILURE_GRACE_S = 5.0  # how long a failed process waits for acknowledgements, and the others for their main thread
 MAX_TEXT = 400
@@ -113,7 +115,6 @@ class _Watcher:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
-        return
 
     def post(self, line: str) -> Optional[str]:
         """Post this process's failure, or read the one posted first; returns the line of another process, if any."""
@@ -175,7 +176,9 @@ def failures_relayed(position: Callable[[], str]):
             raise RankFailure(other) from error
         if getattr(error, "raised_on_every_rank", False) or watcher.handled:
             raise
-        watcher.post(failure_line(watcher.rank, position(), error))
+        other = watcher.post(failure_line(watcher.rank, position(), error))
+        if other is not None:  # another process posted first: its line is the one every process reports
+            raise RankFailure(other) from error
         raise
 
 
@@ -263,9 +266,12 @@ class StepTimeouts(TrainerCallback):
         # The first step of a run compiles, allocates and checks layouts, and may be much slower on one process.
         if not self._active() or state.global_step == self._first_step:
             return
+        import torch
         import torch.distributed as dist
 
-        dist.barrier()
+        # NCCL's barrier otherwise guesses the device (and warns); gloo and the others need none.
+        nccl = dist.get_backend() == "nccl" and torch.cuda.is_available()
+        dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if nccl else {}))
         set_timeout(self.step_timeout)
         self._short = True
 

@@ -118,10 +118,10 @@ class TrainingGuards(TrainerCallback):
 
     def _every_rank(self, values: torch.Tensor) -> torch.Tensor:
         """``(world, K)`` float64 on the CPU: every process's ``(K,)`` ``values``, the same on every process."""
-        values = values.detach().to(self.accelerator.device, torch.float64).reshape(1, -1)
+        values = values.detach().to(self.accelerator.device, torch.float32).reshape(1, -1)  # no float64 on MPS
         if self.accelerator.num_processes > 1:
             values = self.accelerator.gather(values)
-        return values.cpu()
+        return values.cpu().double()
 
     def _every_rank_text(self, own: Optional[str]) -> list[str]:
         """The non-empty texts of all processes, in rank order (a collective: call it on every process)."""
