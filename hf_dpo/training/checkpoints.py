@@ -213,7 +213,7 @@ def resolve_resume_checkpoint(resume_from_checkpoint: Union[str, bool, None], ar
     """
     require_optimizer = not getattr(args, "save_only_model", False)
     if resume_from_checkpoint is True:
-        found = latest_complete_checkpoint(args.output_dir, require_optimizer)
+        found = _main_process_choice(latest_complete_checkpoint(args.output_dir, require_optimizer))
         if found is None:
             raise ValueError(
                 f"resume_from_checkpoint=True: no complete checkpoint-<step> directory in {args.output_dir}"
@@ -225,3 +225,17 @@ def resolve_resume_checkpoint(resume_from_checkpoint: Union[str, bool, None], ar
         if problems:
             raise ValueError(f"cannot resume from {resume_from_checkpoint}, which is incomplete: {'; '.join(problems)}")
     return resume_from_checkpoint
+
+
+def _main_process_choice(found: Optional[str]) -> Optional[str]:
+    """The main process's choice, on every process: a file system that shows the processes different states of the
+    folder (a network file system's cache) must not make them resume from different checkpoints."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return found
+    from accelerate.utils import broadcast_object_list
+
+    choice = [found]
+    broadcast_object_list(choice)
+    return choice[0]
