@@ -1,13 +1,22 @@
 """NormalizedDPOTrainer under DDP, ZeRO-2, ZeRO-3 and FSDP2 on CPU: the training script of tests/test_distributed.py.
 
-``accelerate launch --config_file CONFIG tests/dist_harness.py ENGINE FIXTURE OUT`` runs, in one launch:
-1. the separate reference: 4 SGD steps (momentum 0.5: its state must survive the resume; FSDP2 cannot reload an empty optimizer state) (checkpoint at step 2), final save, evaluation, the
-   reference's per-pair sums of every step and its per-rank parameter counts;
-2. resume from checkpoint-2 in a fresh trainer (steps 3-4);
-3. the LoRA adapter-disabled reference: 4 steps;
-4. (ZeRO-3) precompute_ref_logps: 4 steps;
-5. (DDP, ZeRO-2) TR-DPO: the separate reference synced after every step (alpha 0.5), 4 steps.
-Rank 0 writes OUT/result.json. The test imports :func:`run_phase` for the 1-process baselines.
+``accelerate launch --config_file CONFIG tests/dist_harness.py ENGINE FIXTURE OUT kill`` trains the engine's
+kill-and-resume phase (:data:`KILL_PHASE`) until rank 1 SIGKILLs itself while saving checkpoint-4, after
+checkpoint-2 is complete; the launch must end with an error, the survivor stopped.
+
+``... ENGINE FIXTURE OUT main`` then runs, in one launch:
+1. ``model``, the separate reference: 4 SGD steps (momentum 0.5: its state must survive the resume; FSDP2 cannot
+   reload an empty optimizer state) (checkpoint at step 2), final save, evaluation, the reference's per-pair sums of
+   every step and its per-rank parameter counts;
+2. ``adapter``: the LoRA adapter-disabled reference, 4 steps; ``precompute`` (ZeRO-2, ZeRO-3): precompute_ref_logps;
+3. ``resume_killed``: ``resume_from_checkpoint=True`` on the killed run: it must pass over the partial checkpoint-4;
+4. ``nan_error`` / ``nan_skip``: rank 1's policy turns NaN from step 2 (tests/custom_models/nan_logits.py), with
+   ``nonfinite_loss`` error and skip (``nonfinite_max_consecutive_skips=2``); each process catches the error;
+5. ``sync`` (DDP, ZeRO-2): TR-DPO, the separate reference synced after every step (alpha 0.5), 4 steps;
+6. the terminal phase (:data:`TERMINAL`): rank 1 raises in compute_loss at step 2 (``raise``), or sleeps at step 3
+   while ``step_timeout`` is 3 s (``hang``); the launch ends with an error.
+Rank 0 writes OUT/result.json after every phase; every process logs hf_dpo's messages to OUT/rank<r>.log. The test
+imports :func:`run_phase` for the 1-process baselines.
 
 CPU-only workarounds live here, not in hf_dpo (see docs/distributed.md): DeepSpeed needs the
 accelerate state created with gloo first and its shm op JIT build disabled; accelerate enables
@@ -17,11 +26,18 @@ FSDP only on GPU-like devices, so its state is switched to FSDP by hand.
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 MAX_STEPS, SAVE_STEPS, PER_RANK, WORLD = 4, 2, 2, 2
 CPU_DS_CONFIG = Path(__file__).resolve().parent / "accelerate_configs" / "cpu"
+NAN_FROM_STEP, KILL_STEP, RAISE_STEP, HANG_STEP, STEP_TIMEOUT = 2, 4, 2, 3, 3.0
+# The reference each engine's killed run uses; the uninterrupted phase of the same name is its baseline.
+KILL_PHASE = {"ddp": "adapter", "zero2": "precompute", "zero3": "model", "fsdp2": "model"}
+TERMINAL = {"ddp": "raise", "zero2": "hang", "zero3": "raise", "fsdp2": "hang"}
+PHASES = {"model": {}, "adapter": {"reference": "adapter"}, "precompute": {"precompute": True}}
 
 
 def cpu_workarounds(engine: str) -> dict:
@@ -70,8 +86,32 @@ def build_fixture(directory: Path) -> None:
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def run_phase(engine, fixture, out, reference="model", precompute=False, resume=None, extra=None, sync=False):
-    """Train one phase; returns a dict of numbers (meaningful on every rank)."""
+class Messages(logging.Handler):
+    """Collects the messages of one logger while a phase runs."""
+
+    def __init__(self, name):
+        super().__init__(logging.INFO)
+        self.messages, self.logger = [], logging.getLogger(name)
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def close(self):
+        self.logger.removeHandler(self)
+        super().close()
+
+
+def run_phase(
+    engine, fixture, out, reference="model", precompute=False, resume=None, extra=None, fault=None, sync=False
+):
+    """Train one phase; returns a dict of numbers (meaningful on every rank).
+
+    ``fault``: ``nan`` (rank 1's policy NaN from step 2), ``kill`` (rank 1 SIGKILLs itself while saving
+    checkpoint-4), ``raise`` or ``hang`` (rank 1 raises at step 2, sleeps at step 3). ``sync``: TR-DPO, the
+    separate reference synced after every step (alpha 0.5).
+    """
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +125,7 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
     torch.set_num_threads(1)
     fixture = Path(fixture)
     per_device = PER_RANK if engine != "single" else PER_RANK * WORLD
+    rank = int(os.environ.get("RANK", "0"))
     args = DPOConfig(
         output_dir=str(out),
         per_device_train_batch_size=per_device,
@@ -123,9 +164,10 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
         kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(fixture / "init", dtype=torch.float32)
 
     class Recorder(NormalizedDPOTrainer):
-        """Records the reference sums of every training batch: ``(B, 3)`` rows of (row_id, chosen, rejected)."""
+        """Records every training batch: its reference sums ``(B, 3)`` rows of (row_id, chosen, rejected), and
+        ``(1, 2 + B)`` rows of (step, the batch's loss, row ids) computed here, apart from the guards."""
 
-        records = []
+        records, batches = [], []
 
         def pair_losses(self, model, batch):
             result = super().pair_losses(model, batch)
@@ -133,17 +175,32 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
                 sums = reference_logp_sums(self.reference_mode, model, self.ref_model, batch, self.score)  # (2B,)
                 n = sums.shape[0] // 2
                 self.records.append(torch.stack([batch["row_ids"].double(), sums[:n].double(), sums[n:].double()], 1))
+                step = torch.tensor(
+                    [self.state.global_step + 1.0, float(result[0].detach().mean())], dtype=torch.float64
+                )
+                self.batches.append(torch.cat([step, batch["row_ids"].double()])[None])
             return result
 
-    class Messages(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
+        def compute_loss(self, model, inputs, *rest, **kwargs):
+            loss = super().compute_loss(model, inputs, *rest, **kwargs)
+            step = self.state.global_step + 1
+            if rank == 1 and model.training and fault == "raise" and step == RAISE_STEP:
+                (Path(out).parent / "failed_at").write_text(str(time.time()))
+                raise ValueError(f"injected failure in compute_loss on rank {rank}")
+            if rank == 1 and model.training and fault == "hang" and step == HANG_STEP:
+                (Path(out).parent / "hung_at").write_text(str(time.time()))
+                time.sleep(120)
+            return loss
 
-    messages = []
-    guards_logger = logging.getLogger("hf_dpo.training.guards")
-    guards_logger.setLevel(logging.INFO)
-    handler = Messages()
-    guards_logger.addHandler(handler)
+        def _save_rng_state(self, output_dir):
+            if fault == "kill" and rank == 1 and self.state.global_step == KILL_STEP:
+                os.makedirs(output_dir, exist_ok=True)  # what Trainer does first here: the checkpoint exists, partial
+                (Path(out).parent / "killed_at").write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super()._save_rng_state(output_dir)
+
+    guards, checkpoints = Messages("hf_dpo.training.guards"), Messages("hf_dpo.training.checkpoints")
+    error, result = None, {"engine": engine}
     trainer = Recorder(
         model=model,
         args=args,
@@ -152,53 +209,103 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
         processing_class=tokenizer,
         **kwargs,
     )
-    result = {"engine": engine}
+    if fault == "nan":
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "custom_models"))
+        from nan_logits import poison_hidden_states
+
+        poison_hidden_states(trainer.model, lambda: rank == 1 and trainer.state.global_step + 1 >= NAN_FROM_STEP)
     if trainer.ref_model is not None:
         counts = torch.tensor(local_numel(trainer.ref_model), dtype=torch.long)[None]  # (1, 2)
         result["ref_numel"] = trainer.accelerator.gather(counts).tolist()  # per rank: [local, full]
         result["ref_shapes"] = [
             list(getattr(p, "ds_shape", p.shape)) for p in unwrap_engine(trainer.ref_model).parameters()
         ]
-    trainer.train(resume_from_checkpoint=resume)
-    guards_logger.removeHandler(handler)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except Exception as caught:  # noqa: BLE001 - the NaN phases expect an error on every process and record it
+        if fault != "nan":
+            raise
+        error = [type(caught).__name__, str(caught), time.time()]
+    finally:
+        guards.close()
+        checkpoints.close()
+    from accelerate.utils import gather_object
+
+    result["log"] = {str(e["step"]): e for e in trainer.state.log_history if "loss" in e}
+    result["losses"] = {step: entry["loss"] for step, entry in result["log"].items()}
     # The first-step guard ran under this engine and found ln 2 (a resumed run has no first step).
-    result["self_check_passed"] = any(m.startswith("self-check passed") for m in messages)
-    result["losses"] = {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e}
-    rows = torch.cat(Recorder.records)
-    result["ref_rows"] = trainer.accelerator.gather(rows).tolist()
+    result["self_check_passed"] = any(m.startswith("self-check passed") for m in guards.messages)
+    result["guard_messages"] = gather_object([guards.messages])
+    result["checkpoint_messages"] = checkpoints.messages
+    result["errors"] = gather_object([error])
+    result["skipped_steps"] = gather_object([trainer.guards.skipped_step_numbers])
+    batches = torch.cat(Recorder.batches)
+    rank_column = torch.full((batches.shape[0], 1), float(rank), dtype=torch.float64)
+    result["batches"] = trainer.accelerator.gather(torch.cat([rank_column, batches], 1)).tolist()
+    result["ref_rows"] = trainer.accelerator.gather(torch.cat(Recorder.records)).tolist()
     if trainer.ref_model is not None:
         ref = unwrap_engine(trainer.ref_model)
         result["ref_resident"] = sum(p.data.numel() for p in ref.parameters() if not hasattr(p, "to_local"))
         result["ref_plain_tensors"] = sum(not hasattr(p, "to_local") for p in ref.parameters())
-    if resume is None and reference == "model" and not precompute and not sync:
+    if resume is None and reference == "model" and not precompute and fault is None and not sync:
         trainer.save_model(str(Path(out) / "final"))
         result["eval"] = trainer.evaluate()
     return result
 
 
-def main(engine, fixture, out):
+def log_to_file(out: Path) -> None:
+    """Every process writes hf_dpo's messages to OUT/rank<r>.log: the test compares what each process said."""
+    handler = logging.FileHandler(out / f"rank{os.environ.get('RANK', '0')}.log")
+    handler.setFormatter(logging.Formatter("%(created).3f %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("hf_dpo")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+
+
+def main(engine, fixture, out, mode):
     import torch.distributed as dist
     from accelerate.state import AcceleratorState
 
     extra = cpu_workarounds(engine)
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_to_file(out)
+    kill = KILL_PHASE[engine]
+    if mode == "kill":
+        run_phase(engine, fixture, out / kill, extra=extra, fault="kill", **PHASES[kill])
+        raise AssertionError("rank 1 was to be killed while saving checkpoint-4")
     phases = {
-        "model": {},
-        "resume": {"resume": str(out / "model" / "checkpoint-2")},
-        "adapter": {"reference": "adapter"},
-        **({"precompute": {"precompute": True}} if engine == "zero3" else {}),
+        "model": PHASES["model"],
+        "adapter": PHASES["adapter"],
+        **({"precompute": PHASES["precompute"]} if engine.startswith("zero") else {}),
+        "resume_killed": {**PHASES[kill], "resume": True, "out": out.parent / "kill" / kill},
+        "nan_error": {"fault": "nan"},
+        "nan_skip": {"fault": "nan", "extra": {"nonfinite_loss": "skip", "nonfinite_max_consecutive_skips": 2}},
         **({"sync": {"sync": True}} if engine in ("ddp", "zero2") else {}),
     }
     result = {}
     for name, options in phases.items():
         # A new Trainer builds a new Accelerator; accelerate refuses a second DeepSpeed plugin on a live state.
         AcceleratorState._reset_state()
-        result[name] = run_phase(engine, fixture, out / name, extra=extra, **options)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / "result.json").write_text(json.dumps(result))
+        options = dict(options)
+        phase_extra = {**extra, **options.pop("extra", {})}
+        started = time.time()
+        try:
+            result[name] = run_phase(engine, fixture, options.pop("out", out / name), extra=phase_extra, **options)
+        except Exception as error:  # noqa: BLE001 - DeepSpeed refuses nonfinite_loss=skip at construction
+            if name != "nan_skip" or not engine.startswith("zero"):
+                raise
+            result[name] = {"refused": [type(error).__name__, str(error)]}
+        result[name]["seconds"] = time.time() - started
+        if int(os.environ.get("RANK", "0")) == 0:
+            (out / "result.json").write_text(json.dumps(result))
     if dist.is_initialized():
         dist.barrier()
+    AcceleratorState._reset_state()
+    terminal = TERMINAL[engine]
+    run_phase(engine, fixture, out / terminal, extra={**extra, "step_timeout": STEP_TIMEOUT}, fault=terminal)
+    raise AssertionError(f"the {terminal} phase was to stop every process")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -14,14 +14,9 @@ from hf_dpo import DPOConfig, NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.losses import sft_nll
 from hf_dpo.scoring.logprobs import response_logp_sums, sequence_logps
-from hf_dpo.training.guards import (
-    FIRST_STEP_RTOL,
-    LN2,
-    NonFiniteLossError,
-    beta_warning,
-    initial_loss,
-    learning_rate_warning,
-)
+from hf_dpo.training.guards import NonFiniteLossError
+from hf_dpo.training.metrics import LossLog, PairMetrics
+from hf_dpo.training.selfcheck import FIRST_STEP_RTOL, LN2, beta_warning, initial_loss, learning_rate_warning
 
 datasets.disable_progress_bars()
 POISONED_ROW = 2
@@ -184,6 +179,157 @@ def test_config_rejects_an_unknown_nonfinite_policy(tmp_path):
         config(tmp_path, nonfinite_loss="ignore")
 
 
+def test_logged_loss_is_the_mean_of_the_finite_step_losses_with_the_count_of_the_others(tmp_path, tokenizer):
+    """4 rows, batch 2, 4 steps, logged every 2 steps (one epoch): each interval has one step holding row 2 (NaN, skipped)
+    and one finite step. The logged loss is the finite step's loss, with loss_nonfinite 1; Trainer's own would be 0.75
+    or 0.5 of it (it adds a NaN step as the interval's running mean, 0 when the NaN comes first). The DPO metrics
+    leave the NaN batch's 2 pairs out and say so. Two skips that are not in a row do not stop the run."""
+    batch_losses = []
+
+    class Recording(PoisonedTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            batch_losses.append((self.state.global_step + 1, float(loss.detach())))
+            return loss
+
+    args = config(
+        tmp_path, max_steps=4, logging_steps=2, nonfinite_loss="skip", nonfinite_max_consecutive_skips=2, seed=3
+    )
+    trainer = Recording(
+        model=tiny_model(tokenizer),
+        args=args,
+        train_dataset=make_preference_rows(4, seed=0),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    finite = {step: loss for step, loss in batch_losses if math.isfinite(loss)}
+    assert len(finite) == 2 and len(batch_losses) == 4 and trainer.guards.skipped_steps == 2
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    for entry in logs:
+        (step,) = [s for s in finite if entry["step"] - 2 < s <= entry["step"]]
+        assert entry["loss"] == pytest.approx(finite[step], abs=1e-6)
+        assert entry["loss_nonfinite"] == 1 and entry["nonfinite_pairs"] == 2
+        assert all(math.isfinite(v) for k, v in entry.items() if k.startswith(("rewards/", "logps/")))
+    summary = trainer.state.log_history[-1]
+    assert summary["train_loss"] == pytest.approx(sum(finite.values()) / 2, abs=1e-6)
+
+
+def test_logged_loss_equals_trainers_own_when_every_loss_is_finite(tmp_path, tokenizer, monkeypatch):
+    """5 rows, batch 1, accumulation 2: steps of 2, 2, 1 (the epoch's end) and 2 micro-batches, logged every 2 steps.
+    The replaced loss and train_loss equal Trainer's own numbers (captured before the replacement) within float32
+    accumulation noise."""
+    replaced = []
+    original = LossLog.update
+
+    def record(self, logs):
+        before = dict(logs)
+        original(self, logs)
+        replaced.append((before, dict(logs)))
+
+    monkeypatch.setattr(LossLog, "update", record)
+    args = config(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    trainer = NormalizedDPOTrainer(
+        model=tiny_model(tokenizer),
+        args=args,
+        train_dataset=make_preference_rows(5, seed=0),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    pairs = [(before[key], after[key]) for before, after in replaced for key in ("loss", "train_loss") if key in before]
+    assert len(pairs) == 3  # steps 1-2, steps 3-4, train_loss
+    for trainers, ours in pairs:
+        assert ours == pytest.approx(trainers, abs=1e-6)
+    assert len({round(ours, 4) for _, ours in pairs}) == 3  # three different numbers
+    assert not any("loss_nonfinite" in after for _, after in replaced)
+
+
+def test_skipped_steps_in_a_row_stop_the_run(tmp_path, tokenizer):
+    """Every row NaN: with nonfinite_max_consecutive_skips=3 the third skipped step raises, and nothing was updated."""
+
+    class AllPoisoned(NormalizedDPOTrainer):
+        def score(self, model, batch):
+            sums, counts = super().score(model, batch)
+            return (sums + float("nan") if model.training else sums), counts
+
+    args = config(tmp_path, max_steps=10, nonfinite_loss="skip", nonfinite_max_consecutive_skips=3)
+    trainer = AllPoisoned(
+        model=tiny_model(tokenizer),
+        args=args,
+        train_dataset=make_preference_rows(8, seed=0),
+        processing_class=tokenizer,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(NonFiniteLossError) as caught:
+        trainer.train()
+    assert str(caught.value).startswith(
+        "nonfinite_loss='skip' skipped 3 optimizer steps in a row (steps 1-3), the limit set by "
+        "nonfinite_max_consecutive_skips=3: the run stops instead of going on without training. The last: non-finite "
+        "training loss (nan) at step 3. Non-finite pairs: <rows>:"
+    )
+    assert trainer.guards.skipped_step_numbers == [1, 2]
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_config_bounds_the_skips_and_the_step_timeout(tmp_path):
+    with pytest.raises(ValueError, match=r"^--nonfinite_max_consecutive_skips must be >= 1, got 0$"):
+        config(tmp_path, nonfinite_max_consecutive_skips=0)
+    with pytest.raises(
+        ValueError, match=r"^--step_timeout must be >= 0 seconds \(0: ddp_timeout throughout\), got -1$"
+    ):
+        config(tmp_path, step_timeout=-1)
+
+
+class TwoRanks:
+    """An accelerator of 2 processes whose gather returns the rows given for the next call."""
+
+    num_processes = 2
+
+    def __init__(self):
+        self.rows = None
+
+    def gather_for_metrics(self, row):
+        return self.rows
+
+
+def test_pair_metrics_leave_out_a_rank_batch_that_is_not_finite():
+    """Rank 0: a=1, b=4 over 2 pairs; rank 1: a=NaN, b=8 over 2 pairs. a and b are rank 0's alone (a batch with any
+    non-finite metric is left out whole), nonfinite_pairs 2; Trainer-style sums would give NaN for a."""
+    accelerator = TwoRanks()
+    metrics = PairMetrics(accelerator)
+    accelerator.rows = torch.tensor([[1.0, 4.0, 2.0], [float("nan"), 8.0, 2.0]])
+    metrics.add({"a": torch.tensor(0.0), "b": torch.tensor(0.0)}, "train", 2)
+    accelerator.rows = torch.tensor([[3.0, 2.0, 1.0], [5.0, 6.0, 3.0]])  # both finite: pair-weighted
+    metrics.add({"a": torch.tensor(0.0), "b": torch.tensor(0.0)}, "train", 2)
+    assert metrics.drain("train") == pytest.approx({"a": (2 + 3 + 15) / 6, "b": (8 + 2 + 18) / 6, "nonfinite_pairs": 2})
+    accelerator.rows = torch.tensor([[float("nan"), 1.0, 2.0], [float("inf"), 1.0, 2.0]])
+    metrics.add({"a": torch.tensor(0.0), "b": torch.tensor(0.0)}, "eval", 2)
+    drained = metrics.drain("eval")
+    assert math.isnan(drained["a"]) and math.isnan(drained["b"]) and drained["nonfinite_pairs"] == 4
+
+
+def test_loss_log_averages_finite_rank_step_losses():
+    """Step 1: ranks 0.5 and NaN; step 2 (two micro-batches): rank 0 (0.2 + 0.6) / 2, rank 1 (0.4 + 0.8) / 2.
+    loss = (0.5 + 0.4 + 0.6) / 3 with loss_nonfinite 1; Trainer's filter would log (0.5 + 0 + 0.4 + 0.6) / 4."""
+    log = LossLog()
+    log.add(torch.tensor([0.5, float("nan")]))
+    log.end_step()
+    log.add(torch.tensor([0.2, 0.4]))
+    log.add(torch.tensor([0.6, 0.8]))
+    log.end_step()
+    logs = {"loss": 0.375, "learning_rate": 1.0}
+    log.update(logs)
+    assert logs == pytest.approx({"loss": 0.5, "loss_nonfinite": 1.0, "learning_rate": 1.0})
+    log.add(torch.tensor([0.1, 0.3]))
+    log.end_step()
+    logs = {"loss": 0.2}
+    log.update(logs)
+    assert logs == pytest.approx({"loss": 0.2})  # the next interval starts afresh; nothing left out
+    summary = {"train_loss": 0.0}
+    log.update(summary)
+    assert summary == pytest.approx({"train_loss": (0.5 + 0.4 + 0.6 + 0.1 + 0.3) / 5})
+
+
 # --------------------------------------------------------------------------- precision and counts
 
 
@@ -341,7 +487,7 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
     assert beta_warning(config(tmp_path)) is None  # default 2.0
     assert beta_warning(config(tmp_path, beta=0.1, length_normalize=False)) is None
 
-    with caplog.at_level(logging.INFO, logger="hf_dpo.training.guards"):
+    with caplog.at_level(logging.INFO, logger="hf_dpo.training.selfcheck"):
         NormalizedDPOTrainer(
             model=tiny_model(tokenizer),
             args=carried,
@@ -349,7 +495,7 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
             processing_class=tokenizer,
         )
     warnings = [
-        r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.guards" and r.levelno == logging.WARNING
+        r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.selfcheck" and r.levelno == logging.WARNING
     ]
     assert warnings == [message]  # once, at construction
 
@@ -368,7 +514,7 @@ def test_trainer_warns_once_about_a_high_learning_rate_on_a_pretrained_size_mode
     model = build_model(tokenizer, hidden_size=256, num_layers=12)  # 12M parameters: past the toy threshold
     assert sum(p.numel() for p in model.parameters()) > 10_000_000
     args = config(tmp_path, learning_rate=5e-5)
-    with caplog.at_level(logging.WARNING, logger="hf_dpo.training.guards"):
+    with caplog.at_level(logging.WARNING, logger="hf_dpo.training.selfcheck"):
         NormalizedDPOTrainer(
             model=model, args=args, train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer
         )

@@ -185,10 +185,17 @@ def _load(path: Path, n_rows: int) -> Optional[dict[str, torch.Tensor]]:
 
 
 def _save(path: Path, values: dict[str, torch.Tensor]) -> None:
+    """Write ``path`` atomically: a reader, or a run after a kill at any moment, finds the whole file or none."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(values, partial)
-    os.replace(partial, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    try:
+        with open(partial, "wb") as handle:
+            torch.save(values, handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the data is on disk before the rename makes it visible
+        os.replace(partial, path)  # atomic on POSIX and Windows within one file system
+    finally:
+        partial.unlink(missing_ok=True)  # an exception left it half written; after the rename it is gone already
 
 
 def reference_sums_for(

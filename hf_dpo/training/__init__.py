@@ -1,10 +1,12 @@
 """Stage 7, training: the thin Trainer subclass and what it needs around the loop.
 
 ``config`` (:class:`DPOConfig`) and ``trl_names`` (TRL's argument names), ``trainer``
-(:class:`NormalizedDPOTrainer`), ``guards`` (non-finite losses, the step-0 self-check),
-``launch`` (runs that would not get the engine they ask for), ``moe`` (the router
-load-balancing loss), ``metrics`` (pair-weighted metric means), ``splits`` (the train and
-eval sets), ``checkpoints`` (resuming from complete checkpoints only) and ``model_card``.
+(:class:`NormalizedDPOTrainer`), ``guards`` (non-finite losses and gradients, agreed by all
+processes), ``selfcheck`` (the step-0 self-check, the beta warning), ``faults`` (one process's
+exception stops every process; collective timeouts per step), ``launch`` (runs that would not
+get the engine they ask for), ``moe`` (the router load-balancing loss), ``metrics`` (means over
+finite values: pair-weighted metrics, the logged loss), ``splits`` (the train and eval sets),
+``checkpoints`` (resuming from complete checkpoints only) and ``model_card``.
 """
 
 from .checkpoints import latest_complete_checkpoint

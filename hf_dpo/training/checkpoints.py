@@ -6,6 +6,12 @@ rename, and ``transformers.trainer_utils.get_last_checkpoint`` picks the highest
 step number whatever its contents. A run killed while saving therefore leaves a
 newest checkpoint that cannot be resumed. :func:`latest_complete_checkpoint`
 checks what each checkpoint holds, newest first, and returns the first complete one.
+
+Under several processes each one writes its own files (its RNG state; under DeepSpeed its
+optimizer partition), and the main process may write ``trainer_state.json`` while another
+process is still writing, or after it died. :class:`CheckpointProcesses` records in
+``trainer_state.json`` how many processes wrote the checkpoint, so that every process's
+files can be required.
 """
 
 from __future__ import annotations
@@ -19,12 +25,37 @@ import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
+DEEPSPEED_PARTITION = re.compile(r"zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+class CheckpointProcesses(TrainerCallback, ExportableState):
+    """Saved in each checkpoint's ``trainer_state.json`` (``stateful_callbacks``): the number of processes that wrote it.
+
+    Trainer rebuilds it from ``args`` when ``restore_callback_states_from_checkpoint`` is set; it does nothing else.
+    """
+
+    def __init__(self, processes: int = 1):
+        self.processes = int(processes)
+
+    def state(self) -> dict:
+        return {"args": {"processes": self.processes}, "attributes": {}}
+
+
+def saved_processes(trainer_state: dict) -> int:
+    """How many processes wrote a checkpoint, from its ``trainer_state.json`` (1 when it does not say)."""
+    saved = (trainer_state.get("stateful_callbacks") or {}).get(CheckpointProcesses.__name__) or {}
+    if isinstance(saved, list):
+        saved = saved[-1] if saved else {}
+    return int((saved.get("args") or {}).get("processes", 1))
 
 
 def _safetensors_problem(path: Path) -> Optional[str]:
@@ -102,8 +133,11 @@ def checkpoint_problems(
     directory = Path(directory)
     problems = []
     state = directory / "trainer_state.json"
+    processes = 1
     try:
-        json.loads(state.read_text())["global_step"]
+        trainer_state = json.loads(state.read_text())
+        trainer_state["global_step"]
+        processes = saved_processes(trainer_state)
     except FileNotFoundError:
         problems.append("trainer_state.json is missing")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -125,10 +159,38 @@ def checkpoint_problems(
         problem = f"{name} is missing" if not path.is_file() else _file_problem(path)
         if problem:
             problems.append(problem)
+    if require_optimizer and processes > 1:
+        problems += [
+            f"rng_state_{r}.pth is missing"
+            for r in range(processes)
+            if not (directory / f"rng_state_{r}.pth").is_file()
+        ]
     for path in sorted(directory.glob("rng_state*.pth")):
         problem = _file_problem(path)
         if problem:
             problems.append(problem)
+    problems += _engine_state_problems(directory, processes if require_optimizer else 0)
+    return problems
+
+
+def _engine_state_problems(directory: Path, processes: int) -> list[str]:
+    """DeepSpeed's ``global_step*/`` (every file whole, its ``latest`` tag, one optimizer partition per process) and
+    torch.distributed.checkpoint directories (``.metadata``, written once every process has written its part)."""
+    problems = []
+    for child in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if child.name.startswith("global_step"):
+            if not (directory / "latest").is_file():
+                problems.append(f"{child.name} has no 'latest' tag next to it (DeepSpeed writes it last)")
+            files = sorted(child.glob("*.pt"))
+            problems += [f"{child.name}/{p}" for p in (_file_problem(f) for f in files) if p]
+            ranks = {int(m.group(1)) for f in files if (m := DEEPSPEED_PARTITION.search(f.name))}
+            problems += [
+                f"{child.name} has no optimizer partition of rank {r}"
+                for r in range(processes)
+                if ranks and r not in ranks
+            ]
+        elif child.name.startswith(("pytorch_model_fsdp", "optimizer_")) and not (child / ".metadata").is_file():
+            problems.append(f"{child.name}/.metadata is missing (the sharded state was not finished)")
     return problems
 
 
@@ -163,7 +225,7 @@ def resolve_resume_checkpoint(
     """
     require_optimizer = not getattr(args, "save_only_model", False)
     if resume_from_checkpoint is True:
-        found = latest_complete_checkpoint(args.output_dir, require_optimizer, required_files)
+        found = _main_process_choice(latest_complete_checkpoint(args.output_dir, require_optimizer, required_files))
         if found is None:
             raise ValueError(
                 f"resume_from_checkpoint=True: no complete checkpoint-<step> directory in {args.output_dir}"
@@ -175,3 +237,17 @@ def resolve_resume_checkpoint(
         if problems:
             raise ValueError(f"cannot resume from {resume_from_checkpoint}, which is incomplete: {'; '.join(problems)}")
     return resume_from_checkpoint
+
+
+def _main_process_choice(found: Optional[str]) -> Optional[str]:
+    """The main process's choice, on every process: a file system that shows the processes different states of the
+    folder (a network file system's cache) must not make them resume from different checkpoints."""
+    from accelerate import PartialState
+
+    if PartialState().num_processes == 1:
+        return found
+    from accelerate.utils import broadcast_object_list
+
+    choice = [found]
+    broadcast_object_list(choice)
+    return choice[0]

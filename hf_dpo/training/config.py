@@ -168,6 +168,23 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
             "choices": list(NONFINITE_LOSS_CHOICES),
         },
     )
+    nonfinite_max_consecutive_skips: int = field(
+        default=5,
+        metadata={
+            "help": "With nonfinite_loss=skip: this many optimizer steps skipped in a row stop the run with the "
+            "non-finite loss error (a model that gives NaN at every step would otherwise go on without training)."
+        },
+    )
+    step_timeout: float = field(
+        default=300,
+        metadata={
+            "help": "Seconds a process waits for the others in a collective operation (all-reduce, all-gather, "
+            "barrier) during a training step, from the second step of a run on, before its process group fails: a "
+            "killed or hung process then stops the others within this time instead of ddp_timeout. Every process "
+            "group (the default one, DeepSpeed's and FSDP's) gets it at each step start and ddp_timeout back at the "
+            "step end, so data preparation, evaluation and saving keep ddp_timeout. 0: ddp_timeout throughout."
+        },
+    )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Turn dropout off in policy and reference, so that both score alike at step 0."}
     )
@@ -320,6 +337,14 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
         _check_choice("reference", self.reference, REFERENCE_CHOICES)
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
+        if self.nonfinite_max_consecutive_skips < 1:
+            raise ValueError(
+                f"--nonfinite_max_consecutive_skips must be >= 1, got {self.nonfinite_max_consecutive_skips}"
+            )
+        if self.step_timeout < 0:
+            raise ValueError(
+                f"--step_timeout must be >= 0 seconds (0: ddp_timeout throughout), got {self.step_timeout}"
+            )
         self.chat_template_kwargs = _parse_kwargs(self.chat_template_kwargs)
         self.dataset_columns = parse_columns(self.dataset_columns)
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:

@@ -40,7 +40,17 @@ def check_launch(args, accelerator, reference_mode: str) -> LaunchCheck:
     """Raise :class:`EngineError` when the launch asks for an engine or a world size that accelerate did not set up.
 
     ``args``: the trainer's :class:`~hf_dpo.DPOConfig`; ``reference_mode``: ``model``, ``adapter`` or ``none``.
+    Every process reaches the same verdict (same arguments, same launch), so a refusal is not relayed between
+    processes (``raised_on_every_rank``, :mod:`hf_dpo.training.faults`).
     """
+    try:
+        return _check_launch(args, accelerator, reference_mode)
+    except EngineError as error:
+        error.raised_on_every_rank = True
+        raise
+
+
+def _check_launch(args, accelerator, reference_mode: str) -> LaunchCheck:
     from accelerate.utils import DistributedType
 
     engine = engine_of(accelerator)

@@ -38,12 +38,14 @@ from ..reference.cache import (
 from ..scoring import score_batch
 from ..tokenization import tokenize_dataset
 from .config import DPOConfig, as_dpo_config
-from .guards import TrainingGuards, warn_about_settings
+from .faults import process_callbacks, relay_failures
+from .guards import TrainingGuards
 from .launch import EngineCheck, check_launch
 from .metrics import PairMetrics
 from .model_card import write_model_card
 from .moe import RouterAux
 from .reference_upkeep import ReferenceUpkeep
+from .selfcheck import warn_about_settings
 from .splits import DataReportCallback, map_eval_sets, map_splits
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 BATCH_COLUMNS = [*TOKENIZED_COLUMNS, "prompt_length", "row_id", *REF_LOGP_COLUMNS]
 
 
+@relay_failures("__init__", "train")  # an exception in either on one process stops every process with the same line
 class NormalizedDPOTrainer(Trainer):
     """Direct Preference Optimization with length-normalized (per-token mean) log-probs by default.
 
@@ -140,7 +143,8 @@ class NormalizedDPOTrainer(Trainer):
         launch = check_launch(args, self.accelerator, self.reference_mode)  # refuses a launch without its engine
         self.response_only_logits = launch.response_only_logits
         self.guards = TrainingGuards(args, self.accelerator, self.reference_mode, lambda: self.ref_model, self._where)
-        self.add_callback(self.guards)  # non-finite loss, first-step ln 2 check
+        for callback in (self.guards, *process_callbacks(args)):  # checks agreed by all processes; timeouts
+            self.add_callback(callback)
         warn_about_settings(args, self.model)
         for note in self.objective.notes():  # where a TRL name means something else here
             logger.warning(note)
@@ -340,7 +344,6 @@ class NormalizedDPOTrainer(Trainer):
         losses, aux_term, metrics = self.pair_losses(model, inputs)
         preference = losses.mean()
         loss = preference if aux_term is None else preference + aux_term
-        # The step-0 self-check predicts the preference loss alone, without the router's aux term.
         self.guards.check_loss(model, loss, losses, inputs, self.state.global_step, first_step_loss=preference.detach())
         self.metrics.add(metrics, "train" if model.training else "eval", losses.shape[0])
         return (loss, metrics) if return_outputs else loss
@@ -376,11 +379,10 @@ class NormalizedDPOTrainer(Trainer):
     # ------------------------------------------------------------------ metrics
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        """Add the DPO metrics averaged over the logging interval, every pair weighing the same (prefixed like
-        ``eval_loss`` in evaluation)."""
+        """Add the DPO metrics of the logging interval, pair-weighted (prefixed like ``eval_loss`` in evaluation)."""
         split = "train" if self._metric_key_prefix is None else "eval"
         prefix = "" if self._metric_key_prefix is None else f"{self._metric_key_prefix}_"
         logs.update({prefix + key: value for key, value in self.metrics.drain(split).items()})
         if split == "train":
-            logs.update(self.guards.log_entries())
+            self.guards.update_logs(logs)  # the loss over finite values only, with the count of the others
         return super().log(logs, *args, **kwargs)
