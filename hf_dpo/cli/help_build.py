@@ -37,12 +37,12 @@ GROUP_TITLES = {
     "evaluation": "evaluation: held-out pairs and when they are scored",
     "output": "output: where results go, resuming, logging",
 }
-# The options --help shows, in order. A DPOConfig field of its own that no group names lands in "DPO",
-# so a new field shows up when the text is regenerated.
+MORE_TITLE = "more options of hf_dpo (hf-dpo --help-all shows their help)"
+# The options --help shows with their help, in order. A field of our own that no group names is listed by name
+# under MORE_TITLE (its help in --help-all), so a new field shows up when the text is regenerated.
 GROUPS: dict[str, tuple[str, ...]] = {
     "model": (
         "model_name_or_path",
-        "model_revision",
         "tokenizer_name_or_path",
         "torch_dtype",
         "attn_implementation",
@@ -55,8 +55,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "data": (
         "dataset",
-        "dataset_config",
-        "dataset_revision",
         "dataset_split",
         "max_train_samples",
         "on_bad_row",
@@ -64,9 +62,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "max_prompt_length",
         "completion_turns",
         "chat_template_kwargs",
-        "dataset_num_proc",
+        "dataset_columns",
     ),
-    "DPO": ("loss_type", "beta", "length_normalize", "label_smoothing", "simpo_gamma", "sft_weight"),
+    "DPO": ("loss_type", "loss_weights", "beta", "length_normalize", "label_smoothing", "simpo_gamma", "sft_weight"),
     "training": (
         "num_train_epochs",
         "max_steps",
@@ -83,19 +81,17 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "reference": (
         "ref_model_name_or_path",
         "reference",
+        "ref_adapter",
+        "policy_adapter",
         "precompute_ref_logps",
-        "precompute_ref_batch_size",
-        "ref_logps_cache_dir",
+        "sync_ref_model",
     ),
     "speed": (
         "bf16",
         "gradient_checkpointing",
         "padding_free",
-        "padding_free_max_row_tokens",
         "share_prompt",
         "response_only_logits",
-        "logprob_chunk_size",
-        "pad_to_multiple_of",
         "torch_num_threads",
     ),
     "evaluation": (
@@ -121,7 +117,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "hub_model_id",
     ),
 }
-# TrainingArguments' own help texts run to paragraphs: the short help says it in one line.
+# TrainingArguments' own help texts run to paragraphs: the short help says it in one line (and ours below).
 TRAINER_HELP = {
     "num_train_epochs": "Passes over the training pairs.",
     "max_steps": "Optimizer steps to train; overrides --num_train_epochs when positive.",
@@ -146,6 +142,10 @@ TRAINER_HELP = {
     "report_to": "Trackers to log to: none, all, tensorboard, wandb, mlflow, ...",
     "push_to_hub": "Upload the model, tokenizer and model card at the end.",
     "hub_model_id": "Repository to push to, e.g. org/name.",
+    # Ours, where the first sentence of the field's help is too long for one entry.
+    "ref_adapter": "An SFT LoRA adapter of the base model: the reference is the base with it, frozen.",
+    "policy_adapter": "With --ref_adapter: the policy trains a copy of it, or a new adapter on top of it.",
+    "sync_ref_model": "TR-DPO: mix the policy into the reference every --ref_model_sync_steps steps.",
 }
 # Defaults that TrainingArguments or the script decide later than the field's default value.
 DEFAULT_TEXT = {
@@ -188,11 +188,14 @@ def own_names() -> list[str]:
 
 
 def grouped_names() -> dict[str, list[str]]:
-    """:data:`GROUPS`, plus every field of our own that no group names, in ``DPO``."""
-    groups = {name: list(members) for name, members in GROUPS.items()}
+    """:data:`GROUPS`: the options --help shows with their help and default."""
+    return {name: list(members) for name, members in GROUPS.items()}
+
+
+def more_names() -> list[str]:
+    """Every field of our own that no group names: --help lists them by name, --help-all with their help."""
     listed = {member for members in GROUPS.values() for member in members}
-    groups["DPO"] += [name for name in own_names() if name not in listed and name != "remove_unused_columns"]
-    return groups
+    return [name for name in own_names() if name not in listed and name != "remove_unused_columns"]
 
 
 def first_clause(text: str) -> str:
@@ -279,6 +282,9 @@ def build_help() -> str:
     for group, names in grouped_names().items():
         lines += ["", GROUP_TITLES[group] + ":"]
         lines += [_entry(actions[name], fields[name]) for name in names]
+    more = " ".join(f"--{name}" for name in more_names())
+    wrap = {"width": WIDTH, "initial_indent": "  ", "subsequent_indent": "  ", "break_on_hyphens": False}
+    lines += ["", MORE_TITLE + ":", textwrap.fill(more, **wrap)]
     lines += [
         "",
         "Every TrainingArguments option is accepted too, and TRL's names where they mean the same",
@@ -292,7 +298,7 @@ def build_help_all() -> str:
     shown = {name for names in grouped_names().values() for name in names}
     fields, actions = _fields(), _actions()
     epilog = [textwrap.fill(line, WIDTH, subsequent_indent="  ") for line in help_epilog().splitlines()]
-    lines = [build_help(), "", *epilog, "", "all other TrainingArguments options:"]
+    lines = [build_help(), "", *epilog, "", "the options listed by name above, and every TrainingArguments option:"]
     for name, action in actions.items():
         if name in shown or name not in fields or action.help == argparse.SUPPRESS:
             continue

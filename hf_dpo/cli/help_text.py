@@ -18,8 +18,6 @@ model: the policy, its tokenizer and LoRA:
   --model_name_or_path            Policy model: a hub name, a local folder, or demo (the tiny demo
                                   model, with its defaults). [default: the demo model, without
                                   --dataset]
-  --model_revision                Revision (branch, tag or commit) of the policy, its tokenizer and
-                                  a hub reference. [default: unset]
   --tokenizer_name_or_path        Tokenizer, if not the model's own. [default: unset]
   --torch_dtype                   dtype to load the weights in. One of auto, float32, bfloat16,
                                   float16. [default: auto]
@@ -38,9 +36,6 @@ data: the training pairs and how they become tokens:
   --dataset                       Training pairs: a JSONL/JSON file or folder, a hub data set, or
                                   demo (the demo's pairs). [default: the demo's, without
                                   --model_name_or_path]
-  --dataset_config                Configuration (subset) name of a hub --dataset. [default: unset]
-  --dataset_revision              Revision (branch, tag or commit) of a hub --dataset. [default:
-                                  unset]
   --dataset_split                 Split of a hub --dataset to train on. [default: train]
   --max_train_samples             Keep only the first N training pairs (quick runs). [default:
                                   unset]
@@ -52,11 +47,16 @@ data: the training pairs and how they become tokens:
                                   assistant turn (all). One of last, all. [default: last]
   --chat_template_kwargs          Keyword arguments for every chat template call, e.g.
                                   '{"enable_thinking": false}' for Qwen3. [default: unset]
-  --dataset_num_proc              Processes for tokenizing the data set. [default: unset]
+  --dataset_columns               Column mapping for data in no layout hf_dpo detects, hf_dpo's name
+                                  -> your column, as a dict or a JSON object string, e.g.
+                                  '{"prompt": "question", "chosen": "response_j", "rejected":
+                                  "response_k"}' (docs/data.md). [default: unset]
 
 DPO: the loss:
   --loss_type                     Preference loss, or several (a weighted sum, see loss_weights).
                                   One of sigmoid, hinge, ipo, exo_pair, .... [default: sigmoid]
+  --loss_weights                  One weight per --loss_type (TRL's loss_weights): loss = sum of
+                                  weight * loss. [default: unset]
   --beta                          Inverse temperature of the preference loss. [default: 2 (0.1 with
                                   --length_normalize false)]
   --length_normalize              Compare the mean log-prob per response token (True) instead of the
@@ -70,42 +70,6 @@ DPO: the loss:
                                   0.5]
   --sft_weight                    Weight of an added per-token NLL of the chosen response, averaged
                                   per pair (0 turns it off). [default: 0]
-  --ref_adapter                   A peft LoRA adapter (directory or hub id) of the base model, e.g.
-                                  an SFT adapter: the reference becomes the base model with this
-                                  adapter, frozen, and the policy trains an adapter on the same base
-                                  (see policy_adapter). [default: unset]
-  --policy_adapter                With ref_adapter, what the policy trains: a copy of ref_adapter
-                                  (its LoRA settings), or a new adapter on top of it (the LoRA
-                                  settings of peft_config / the --lora_* flags; saved as one
-                                  adapter, the two concatenated). One of copy, new. [default: copy]
-  --sync_ref_model                TR-DPO: every ref_model_sync_steps optimizer steps, set each
-                                  reference parameter to (1 - ref_model_mixup_alpha) * reference +
-                                  ref_model_mixup_alpha * policy (TRL's rule). [default: false]
-  --ref_model_mixup_alpha         TR-DPO's alpha, in (0, 1]: the policy's share in each sync (1: the
-                                  reference becomes it). [default: 0.6]
-  --ref_model_sync_steps          TR-DPO's tau: sync the reference every this many optimizer steps.
-                                  [default: 512]
-  --loss_weights                  One weight per --loss_type (TRL's loss_weights): loss = sum of
-                                  weight * loss. [default: unset]
-  --discopop_tau                  Temperature of the discopop loss's modulation sigmoid(beta*m/tau).
-                                  [default: 0.05]
-  --f_divergence_type             f-DPO: the divergence whose f'(pi/pi_ref) replaces the log-ratio
-                                  in sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust and
-                                  discopop (docs/loss.md). One of reverse_kl, forward_kl,
-                                  js_divergence, alpha_divergence. [default: reverse_kl]
-  --f_alpha_divergence_coef       alpha of f_divergence_type alpha_divergence, (u^(alpha-1) -
-                                  1)/(alpha - 1) (TRL 1.16's). [default: 0.5]
-  --use_weighting                 WPO: weight each pair's loss by the policy's length-normalized
-                                  probability of both responses (Zhou et al. 2024), for off-policy
-                                  preference data. [default: false]
-  --ld_alpha                      LD-DPO, in [0, 1]: response tokens past the shorter response's
-                                  length count ld_alpha times in the log-probs of policy and
-                                  reference (1: plain sums, 0: both cut to the shorter length).
-                                  [default: unset]
-  --dataset_columns               Column mapping for data in no layout hf_dpo detects, hf_dpo's name
-                                  -> your column, as a dict or a JSON object string, e.g.
-                                  '{"prompt": "question", "chosen": "response_j", "rejected":
-                                  "response_k"}' (docs/data.md). [default: unset]
 
 training: steps, batches and the optimizer:
   --num_train_epochs              Passes over the training pairs. [default: 1]
@@ -132,12 +96,14 @@ reference: what the log-ratios compare against:
                                   policy (the adapter-disabled base with --use_peft)]
   --reference                     Reference for the log-ratios. One of auto, model, adapter, none.
                                   [default: auto]
+  --ref_adapter                   An SFT LoRA adapter of the base model: the reference is the base
+                                  with it, frozen. [default: unset]
+  --policy_adapter                With --ref_adapter: the policy trains a copy of it, or a new
+                                  adapter on top of it. One of copy, new. [default: copy]
   --precompute_ref_logps          Score the data with the reference once before training, then
                                   release the reference model. [default: false]
-  --precompute_ref_batch_size     Pairs per batch when precomputing reference log-probs. [default:
-                                  --per_device_eval_batch_size]
-  --ref_logps_cache_dir           Folder of the precomputed reference log-probs cache. [default:
-                                  ~/.cache/hf_dpo/ref_logps]
+  --sync_ref_model                TR-DPO: mix the policy into the reference every
+                                  --ref_model_sync_steps steps. [default: false]
 
 speed: precision, memory and the fast layouts:
   --bf16                          Compute in bfloat16 mixed precision (keep the weights in float32
@@ -145,15 +111,10 @@ speed: precision, memory and the fast layouts:
   --gradient_checkpointing        Recompute activations in backward to save memory. [default: false]
   --padding_free                  Pack each batch's 2B sequences into rows without padding (auto,
                                   true or false). [default: auto]
-  --padding_free_max_row_tokens   With padding_free, rows of at most this many tokens (or the
-                                  longest sequence) instead of one row. [default: unset]
   --share_prompt                  Compute each pair's prompt once (auto, true or false). [default:
                                   auto]
   --response_only_logits          Project only the hidden states that predict scored tokens, in
                                   chunks recomputed in backward. [default: true]
-  --logprob_chunk_size            Response positions per fp32 log-sum-exp chunk. [default: 1024]
-  --pad_to_multiple_of            Pad each batch's length to a multiple of this (e.g. 8 for tensor
-                                  cores). [default: unset]
   --torch_num_threads             CPU threads for torch (torch.set_num_threads). [default: torch's;
                                   1 for the demo model]
 
@@ -192,6 +153,13 @@ output: where results go, resuming, logging:
   --push_to_hub                   Upload the model, tokenizer and model card at the end. [default:
                                   false]
   --hub_model_id                  Repository to push to, e.g. org/name. [default: unset]
+
+more options of hf_dpo (hf-dpo --help-all shows their help):
+  --dataset_config --dataset_revision --model_revision --ref_model_mixup_alpha
+  --ref_model_sync_steps --discopop_tau --f_divergence_type --f_alpha_divergence_coef
+  --use_weighting --ld_alpha --nonfinite_max_consecutive_skips --step_timeout --logprob_chunk_size
+  --pad_to_multiple_of --dataset_num_proc --padding_free_max_row_tokens --precompute_ref_batch_size
+  --ref_logps_cache_dir
 
 Every TrainingArguments option is accepted too, and TRL's names where they mean the same
 (--dataset_name, --rpo_alpha, --precompute_ref_log_probs, ...): hf-dpo --help-all lists them all.
