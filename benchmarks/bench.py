@@ -396,6 +396,7 @@ def run_worker(case: dict) -> dict:
             per_device_train_batch_size=batch_size,
             max_steps=steps + warmup,
             learning_rate=1e-5,
+            warmup_steps=0,  # the same schedule for every contestant (hf_dpo's DPO default warms up 10%)
             logging_steps=1,
             save_strategy="no",
             report_to=[],

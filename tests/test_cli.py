@@ -295,7 +295,7 @@ def test_demo_flags_are_checked_against_the_demo_defaults():
     _, _, args = parse_args(["--model_name_or_path", "demo", "--dataset", "my.jsonl"])
     assert args.eval_strategy == "no" and not args.eval_on_start and args.learning_rate == 1e-3  # demo model's lr
     _, _, args = parse_args(["--model_name_or_path", "some/model", "--dataset", "my.jsonl"])
-    assert args.learning_rate == 5e-5 and args.max_length == 1024  # a model of one's own: no demo defaults
+    assert args.learning_rate == 1e-6 and args.max_length == 1024  # a model of one's own: DPOConfig's defaults
     _, _, args = parse_args(["--resume_from_checkpoint", "true"])
     assert args.resume_from_checkpoint is True
 

@@ -191,7 +191,9 @@ def test_dpo_on_an_sft_adapter(mode, paths, tokenizer, rows, tmp_path):
     final = tmp_path / "final"
     config = json.loads((final / "adapter_config.json").read_text())
     assert (final / REF_ADAPTER / "adapter_model.safetensors").is_file()  # the reference, kept beside the policy
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), final)
+    # A local base is named, not located, in the published adapter config: the user loads the base they have.
+    assert config["base_model_name_or_path"] == "base"
+    reloaded = PeftModel.from_pretrained(load_base(paths), final)
     assert (sums(trainer, reloaded, batch) - policy).abs().max().item() < 1e-5
     saved_ref = PeftModel.from_pretrained(load_base(paths), final / REF_ADAPTER)
     assert (sums(trainer, saved_ref, batch) - expected_ref).abs().max().item() < 1e-5
@@ -358,7 +360,8 @@ def test_the_documented_command_trains_on_top_of_an_sft_adapter(hf_dpo_command, 
     assert after["rewards/margins"] > 0.05
     config = json.loads((output_dir / "adapter_config.json").read_text())
     assert config["r"] == 8 + 4
-    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    # The demo's base lives under the output folder, so the adapter config names it relative to that folder.
+    base = AutoModelForCausalLM.from_pretrained(output_dir / config["base_model_name_or_path"])
     args = DPOConfig(
         output_dir=str(tmp_path / "reload"),
         per_device_eval_batch_size=64,

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from ..common.flags import parse_auto_bool
 from ..data.columns import parse_columns
 from ..losses import F_DIVERGENCES, LOSS_REGISTRY, LossObjective, as_loss_types, loss_type_help
+from .dpo_defaults import DPOTrainingDefaults
 from .reference_args import ReferenceArguments, check_reference_arguments
 from .trl_names import accept_trl_names
 
@@ -32,7 +33,7 @@ def _choices_help(text: str, choices) -> str:
 
 @accept_trl_names  # DPOConfig(precompute_ref_log_probs=True) and TRL's other names (hf_dpo/training/trl_names.py)
 @dataclass
-class DPOConfig(ReferenceArguments, TrainingArguments):
+class DPOConfig(ReferenceArguments, DPOTrainingDefaults):
     """Training arguments for :class:`hf_dpo.NormalizedDPOTrainer`.
 
     Everything not listed here (batch size, learning rate, precision, logging,
@@ -253,33 +254,6 @@ class DPOConfig(ReferenceArguments, TrainingArguments):
         metadata={
             "help": "Folder of the precomputed reference log-probs cache; an empty string turns the disk cache off. "
             "Default: $HF_DPO_CACHE/ref_logps (HF_DPO_CACHE defaults to ~/.cache/hf_dpo)."
-        },
-    )
-    # TrainingArguments' defaults suit supervised fine-tuning; these suit DPO (docs/usage.md, "Defaults").
-    learning_rate: float = field(
-        default=1e-6,
-        metadata={
-            "help": "Peak learning rate. DPO moves a model that is already good at following instructions: the usual "
-            "range for a full fine-tune is 1e-7 to 5e-6 (TRL's default is 1e-6, SimPO's recipes 3e-7 to 1e-6), far below "
-            "supervised fine-tuning's 5e-5. LoRA adapters take about 10x more."
-        },
-    )
-    num_train_epochs: float = field(
-        default=1.0,
-        metadata={
-            "help": "Passes over the preference data. One is the usual DPO recipe: more overfits the preferences."
-        },
-    )
-    warmup_steps: float = field(
-        default=0.1,
-        metadata={
-            "help": "Linear warmup: a number of steps, or a fraction of the run below 1 (default: the first 10 percent)."
-        },
-    )
-    logging_steps: float = field(
-        default=10,
-        metadata={
-            "help": "Log the loss and the DPO metrics every this many optimizer steps (or this fraction of the run)."
         },
     )
     remove_unused_columns: bool = field(
