@@ -47,6 +47,28 @@ def test_without_a_process_group_nothing_changes():
     StepTimeouts(3, 1800).on_step_begin(None, type("State", (), {"global_step": 4})(), None)  # no group: no barrier
 
 
+def test_the_failure_watcher_is_stopped_before_the_interpreter_ends():
+    """A daemon thread still polling the store while the interpreter finalizes is ended inside pybind11's GIL guard,
+    which aborts a run that succeeded ("terminate called without an active exception", seen once in CI after a DDP
+    run). The watcher stops and joins its thread at exit; here over a real TCPStore, in a process of its own that
+    exits while the thread polls."""
+    script = (
+        "import time, datetime, torch.distributed as dist\n"
+        "from hf_dpo.training import faults\n"
+        "store = dist.TCPStore('127.0.0.1', 0, 2, True, timeout=datetime.timedelta(seconds=5), wait_for_workers=False)\n"
+        "watcher = faults._Watcher(store, 0, 2)\n"
+        "time.sleep(1.5 * faults.FAILURE_POLL_S)\n"
+        "watcher.stop()\n"
+        "assert not watcher._thread.is_alive()\n"
+        "faults._Watcher(store, 0, 2)  # left running: atexit stops it\n"
+        "print('exiting')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "exiting" in done.stdout and "terminate called" not in done.stderr
+
+
 # Both processes gone within this many seconds of the failure: the relay's poll and grace, then interpreter teardown,
 # which takes 2-10 s on a loaded 2-core machine (against ddp_timeout's 1800 s without the relay).
 STOP_BOUND_S = 60

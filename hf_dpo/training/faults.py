@@ -23,6 +23,7 @@ A multi-process run fails in three ways, and each gets a bound (docs/reliability
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -80,7 +81,19 @@ class _Watcher:
         self.store, self.rank, self.world = store, rank, world
         self.seen: Optional[str] = None  # the posted line, once read
         self.handled = False  # the main thread took over: this process is failing on its own
-        threading.Thread(target=self._run, name="hf_dpo-failure-watcher", daemon=True).start()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hf_dpo-failure-watcher", daemon=True)
+        self._thread.start()
+        # A daemon thread that returns from a store call while the interpreter finalizes is ended inside pybind11's
+        # GIL guard, which aborts the process ("terminate called without an active exception") after a run
+        # that succeeded; so the thread is stopped and joined before finalization.
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """End the thread (it finishes its current store call, at most one poll)."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * FAILURE_POLL_S + 5.0)
 
     def read(self) -> Optional[str]:
         """The posted line, or None (also when the store is gone)."""
@@ -99,8 +112,7 @@ class _Watcher:
             pass
 
     def _run(self) -> None:
-        while not self.handled:
-            time.sleep(FAILURE_POLL_S)
+        while not self.handled and not self._stop.wait(FAILURE_POLL_S):
             if self.handled or self.read() is None:
                 continue
             logger.error(self.seen)
@@ -151,6 +163,7 @@ def _watcher() -> Optional[_Watcher]:
 
         if _WATCHER is not None:
             _WATCHER.handled = True  # a new process group: the old watcher's store is gone
+            _WATCHER.stop()
         _WATCHER = _Watcher(store, dist.get_rank(), dist.get_world_size())
     return _WATCHER
 
