@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmark as one command: hf_dpo defaults vs TRL defaults vs a plain MiniMind-recipe loop on a
-# Qwen2.5-0.5B-shaped random-init model, bf16, max_length 2048 (docs/performance.md, "GPU benchmark").
+# Qwen2.5-0.5B-shaped random-init model, then hf_dpo vs TRL on the real model's architecture (SmolLM2-135M's
+# config, random init), bf16, max_length 2048 (docs/performance.md, "GPU benchmark").
 #
 #   bash benchmarks/gpu.sh download     # here, with a registry: fetch the wheels the GPU machine lacks into .whl/
 #   bash benchmarks/gpu.sh              # there, offline: install .whl/ if present, run the checks, then the benchmark
-#   HF_DPO_BENCH_INSTALL=0 bash benchmarks/gpu.sh --size gpu_tiny --cpu --steps 1 --warmup 1 --repeats 1  # the tests' CPU dry run
+#   HF_DPO_BENCH_INSTALL=0 bash benchmarks/gpu.sh --size gpu_tiny --cpu --steps 1 --warmup 1 --repeats 1 --same-process  # the tests' CPU dry run
 #
 # Any arguments other than `download` go to `bench.py --preset gpu` and override the preset.
 set -euo pipefail

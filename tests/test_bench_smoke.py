@@ -31,6 +31,7 @@ def test_bench_tiny_runs_both_implementations_on_the_same_work(tmp_path):
         "--threads",
         "1",
         "--cpu",
+        "--same-process",  # one interpreter start instead of one per run: the suite's time budget
         "--json",
         str(out),
     ]
@@ -59,22 +60,25 @@ def test_bench_tiny_runs_both_implementations_on_the_same_work(tmp_path):
 GPU_SH = BENCH.parent / "gpu.sh"
 
 
-def _bench_module():
+def _bench_module(name: str = "bench"):
+    """benchmarks/bench.py, or a ``bench_*`` module next to it (bench.py puts its folder on the path)."""
+    import importlib
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("hf_dpo_bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module if name == "bench" else importlib.import_module(name)
 
 
 def test_gpu_sh_dry_run_on_cpu_runs_the_three_contestants_and_the_mfu_table(tmp_path):
-    """`benchmarks/gpu.sh` end to end on a tiny Qwen2 on CPU: the preset's command, contestants, MFU and table (~30 s).
+    """`benchmarks/gpu.sh` end to end on a tiny Qwen2 on CPU: the preset's command, contestants, FLOP fraction, table.
 
-    The model is the GPU size's architecture (Qwen2, tied embeddings) at hidden 64 x 2 layers, vocab 1024, so N
-    (parameters without the input embedding, the tied head counted) is by hand, per layer: q 64*64+64, k and v
-    64*32+32 each, o 64*64, MLP 3*64*192, two norms 2*64 = 49408; two layers 98816, final norm 64, head
-    1024*64 = 65536: N = 164416, and MFU's FLOPs per token are 8N = 1315328.
+    The model is the GPU size's architecture (Qwen2, tied embeddings) at hidden 64 x 2 layers, vocab 1024, so the
+    body's parameters (all but the input embedding and the head) are by hand, per layer: q 64*64+64, k and v
+    64*32+32 each, o 64*64, MLP 3*64*192, two norms 2*64 = 49408; two layers 98816 and the final norm 64:
+    N_body = 98880; the tied head 1024*64 = 65536. A step's FLOPs without attention are 4 passes (policy forward
+    and backward, reference forward) x (2 N_body per computed token + 2 N_head per position the head projects).
     """
     pytest.importorskip("trl")
     out = tmp_path / "gpu.json"
@@ -95,6 +99,7 @@ def test_gpu_sh_dry_run_on_cpu_runs_the_three_contestants_and_the_mfu_table(tmp_
         "1",
         "--impls",
         impls,
+        "--same-process",
         "--json",
         str(out),
     ]
@@ -113,18 +118,19 @@ def test_gpu_sh_dry_run_on_cpu_runs_the_three_contestants_and_the_mfu_table(tmp_
     trl, ours, plain = runs["trl"], runs["hf_dpo"], runs["minimind"]
     for run in runs.values():
         assert run["size"] == "gpu_tiny" and run["device"] == "cpu" and len(run["step_times"]) == 1
-        assert run["params_no_input_embedding"] == 164416 and run["flops_per_token"] == 8 * 164416
-        # MFU = 8N x computed tokens / time / the matmul peak measured in that run.
+        assert run["shape"]["n_body"] == 98880 and run["shape"]["n_head"] == 65536
+        (flops,) = run["step_flops"]
+        dense = 4 * (2 * 98880 * run["computed_per_step"] + 2 * 65536 * run["head_positions_per_step"])
+        assert math.isclose(flops * (1 - run["attention_flops_fraction"]), dense, rel_tol=1e-9)
+        # The fraction of the peak = the step's FLOPs / its time / the matmul peak measured in that run.
         assert run["matmul_peak_tflops"] > 0
-        expected = (
-            run["flops_per_token"]
-            * run["computed_tokens"]
-            / sum(run["step_times"])
-            / (run["matmul_peak_tflops"] * 1e12)
-        )
+        expected = flops / run["step_times"][0] / (run["matmul_peak_tflops"] * 1e12)
         assert math.isclose(run["mfu"], expected, rel_tol=1e-9) and 0 < run["mfu"] < 1
         # Same weights: every contestant starts at ln 2.
         assert math.isclose(run["first_loss"], math.log(2), abs_tol=1e-5)
+    # TRL projects every computed token through the head; hf_dpo only the positions that predict a scored token.
+    assert trl["head_positions_per_step"] == trl["computed_per_step"]
+    assert ours["head_positions_per_step"] < ours["computed_per_step"]
     # The same pairs in the same batches: equal logical tokens; the plain loop computes them all (padding excluded).
     assert trl["timed_tokens"] == ours["timed_tokens"] == plain["timed_tokens"]
     assert plain["computed_tokens"] == trl["computed_tokens"] == trl["timed_tokens"]
@@ -137,7 +143,7 @@ def test_minimind_batch_and_logps_follow_the_recipe():
     """Two pairs, prompt [5, 6]; chosen [7, EOS=1] / [8, 9, 1], rejected [9, 1] / [1]; pad id 0, padded to 6."""
     import torch
 
-    bench = _bench_module()
+    bench = _bench_module("bench_minimind")
     pairs = [([5, 6], [7, 1], [9, 1]), ([5, 6], [8, 9, 1], [1])]
     x, y, mask, attention, real = bench.minimind_batch(pairs, pad_id=0, pad_to=6)
     # Rows: chosen 0, chosen 1, rejected 0, rejected 1; x = ids[:-1], y = ids[1:], the mask follows y.
@@ -155,7 +161,7 @@ def test_minimind_batch_and_logps_follow_the_recipe():
 
 
 def test_hf_dpo_default_passes_no_layout_flag_and_variants_are_explicit():
-    bench = _bench_module()
+    bench = _bench_module("bench_worker")
     assert bench.hf_dpo_options([]) == {}  # the library's defaults, whatever they are
     assert bench.hf_dpo_options(["padded"]) == {"padding_free": False, "share_prompt": False}
     assert bench.hf_dpo_options(["pf"]) == {"padding_free": True, "share_prompt": False}
@@ -166,6 +172,7 @@ def test_hf_dpo_default_passes_no_layout_flag_and_variants_are_explicit():
         "padding_free_max_row_tokens": 1,
     }
     assert bench.hf_dpo_options(["full", "ref"]) == {"response_only_logits": False, "precompute_ref_logps": True}
+    assert bench.hf_dpo_options(["gc"]) == {}  # gradient checkpointing is a TrainingArguments flag, set by the worker
     with pytest.raises(ValueError, match="unknown hf_dpo option"):
         bench.hf_dpo_options(["pff"])
 
