@@ -318,6 +318,7 @@ def run_worker(case: dict) -> dict:
         )
     else:
         trainer = build_trainer(case, model, ref_model, rows, tokenizer, device, max_length, real)
+        ref_model = None  # the trainer's own reference now: precompute_ref_logps (+ref) can release it
         setup_s = time.perf_counter() - setup_start
         marks["rss"]["trainer"] = sampler.rss()
         collate = trainer.data_collator
