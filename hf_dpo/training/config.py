@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from ..common.flags import parse_auto_bool
 from ..losses import LOSS_REGISTRY
+from .generations import check_generation_kwargs
 from .trl_names import accept_trl_names
 
 REFERENCE_CHOICES = ("auto", "model", "adapter", "none")
@@ -220,6 +221,25 @@ class DPOConfig(TrainingArguments):
             "true, else off; 0 logs aux_loss without training on it."
         },
     )
+    # Evaluation generations (hf_dpo/training/generation_eval.py, docs/metrics.md).
+    eval_generations: int = field(
+        default=0,
+        metadata={
+            "help": "At every evaluation (the one before training included, with eval_on_start), complete the first N "
+            "held-out prompts and log their length, end-of-turn rate and log-ratio to the reference; records in "
+            "output_dir/generations.jsonl and the trackers' tables. 0 turns it off."
+        },
+    )
+    eval_generation_max_new_tokens: int = field(
+        default=256, metadata={"help": "Most tokens generated per prompt by --eval_generations."}
+    )
+    eval_generation_kwargs: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={
+            "help": "GenerationConfig settings for --eval_generations as a dict or JSON object string; greedy when "
+            'unset. E.g. \'{"do_sample": true, "temperature": 0.7, "top_p": 0.9}\' (seeded by seed + step).'
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={
@@ -241,6 +261,10 @@ class DPOConfig(TrainingArguments):
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
         _check_choice("nonfinite_loss", self.nonfinite_loss, NONFINITE_LOSS_CHOICES)
         self.chat_template_kwargs = _parse_kwargs(self.chat_template_kwargs)
+        self.eval_generation_kwargs = _parse_kwargs(self.eval_generation_kwargs, "eval_generation_kwargs")
+        check_generation_kwargs(self.eval_generation_kwargs)
+        if self.eval_generations < 0:
+            raise ValueError(f"--eval_generations must be >= 0, got {self.eval_generations}")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if not self.beta > 0:
@@ -260,6 +284,7 @@ class DPOConfig(TrainingArguments):
             "logprob_chunk_size",
             "precompute_ref_batch_size",
             "padding_free_max_row_tokens",
+            "eval_generation_max_new_tokens",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -300,14 +325,14 @@ def _check_choice(flag: str, value: str, choices) -> None:
         raise ValueError(f"--{flag}: got {value!r}; choose one of {', '.join(choices)}")
 
 
-def _parse_kwargs(value) -> Optional[dict]:
+def _parse_kwargs(value, flag: str = "chat_template_kwargs") -> Optional[dict]:
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else None
         except json.JSONDecodeError as err:
-            raise ValueError(f"--chat_template_kwargs: not valid JSON ({err}): {value!r}") from None
+            raise ValueError(f"--{flag}: not valid JSON ({err}): {value!r}") from None
     if value is not None and not isinstance(value, dict):
-        raise ValueError(f"--chat_template_kwargs: expected a JSON object, got {type(value).__name__}")
+        raise ValueError(f"--{flag}: expected a JSON object, got {type(value).__name__}")
     return value
 
 
