@@ -35,7 +35,7 @@ import transformers
 from ..training.config import DPOConfig
 from .arguments import parse_args
 from .loading import build_trainer
-from .summary import first_evaluation, held_out_numbers, print_summary, write_plot
+from .summary import first_evaluation, generation_change, held_out_numbers, print_summary, write_plot
 
 logger = logging.getLogger("hf_dpo.cli")
 
@@ -105,6 +105,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "before": held_out_numbers(before),
             "after": held_out_numbers(after),
         },
+        "generations": generation_change(output_dir, trainer.state.log_history),
         "outputs": {"output_dir": str(output_dir)},
     }
     if trainer.is_world_process_zero() and script_args.plot:

@@ -23,6 +23,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCardData
 
 from ..losses import LOSS_REGISTRY
+from .generation_records import card_lines as generation_card_lines
 
 CARD_NAME = "README.md"
 CURVES_NAME = "training_curves.png"
@@ -206,6 +207,7 @@ def build_model_card(
         lines.append("No training or evaluation logged yet.")
     if (Path(output_dir) / CURVES_NAME).is_file():
         lines += ["", f"![training curves]({CURVES_NAME})"]
+    lines += generation_card_lines(args.output_dir)  # --eval_generations: one prompt before and after training
     lines += ["", "## Framework versions", "", *(f"- {k}: {v}" for k, v in framework_versions().items())]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
