@@ -218,7 +218,9 @@ class GenerationEval(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.train_start = (time.perf_counter(), self.seconds)
         if state.global_step > 0:  # resumed: keep the records up to the checkpoint, and the step-0 lengths
-            records = [r for r in read_records(self.path) if r["step"] <= state.global_step]
+            # eval_on_start evaluates the checkpoint's step again: its earlier records make way for the new ones.
+            last = state.global_step - 1 if args.eval_on_start else state.global_step
+            records = [r for r in read_records(self.path) if r["step"] <= last]
             if self.accelerator.is_main_process:
                 write_records(self.path, records, append=False)
             for eval_set in {r.get("eval_set", "eval") for r in records}:
