@@ -2,9 +2,10 @@
 
 ``accelerate launch --config_file CONFIG tests/dist_harness.py ENGINE FIXTURE OUT`` runs, in one launch:
 1. the separate reference: 4 SGD steps (momentum 0.5: its state must survive the resume; FSDP2 cannot reload an empty optimizer state) (checkpoint at step 2), final save, evaluation, the
-   reference's per-pair sums of every step and its per-rank parameter counts;
+   reference's per-pair sums of every step and its per-rank parameter counts; evaluation generations (3 prompts,
+   split 2 + 1 over the ranks) before training and at the final evaluation;
 2. resume from checkpoint-2 in a fresh trainer (steps 3-4);
-3. the LoRA adapter-disabled reference: 4 steps;
+3. the LoRA adapter-disabled reference: 4 steps, with evaluation generations before training;
 4. (ZeRO-3) precompute_ref_logps: 4 steps.
 Rank 0 writes OUT/result.json. The test imports :func:`run_phase` for the 1-process baselines.
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 MAX_STEPS, SAVE_STEPS, PER_RANK, WORLD = 4, 2, 2, 2
+GENERATIONS = {"eval_generations": 3, "eval_generation_max_new_tokens": 8, "eval_on_start": True}
 CPU_DS_CONFIG = Path(__file__).resolve().parent / "accelerate_configs" / "cpu"
 
 
@@ -69,7 +71,7 @@ def build_fixture(directory: Path) -> None:
         (directory / f"{name}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def run_phase(engine, fixture, out, reference="model", precompute=False, resume=None, extra=None):
+def run_phase(engine, fixture, out, reference="model", precompute=False, resume=None, extra=None, generations=False):
     """Train one phase; returns a dict of numbers (meaningful on every rank)."""
     import datasets
     import torch
@@ -104,6 +106,7 @@ def run_phase(engine, fixture, out, reference="model", precompute=False, resume=
         max_prompt_length=48,
         precompute_ref_logps=precompute,
         ref_logps_cache_dir="",
+        **(GENERATIONS if generations else {}),
         **(extra or {}),
     )
     # Loaded after DPOConfig, so that ZeRO-3 partitions both models as they load.
@@ -179,9 +182,9 @@ def main(engine, fixture, out):
     extra = cpu_workarounds(engine)
     out = Path(out)
     phases = {
-        "model": {},
+        "model": {"generations": True},
         "resume": {"resume": str(out / "model" / "checkpoint-2")},
-        "adapter": {"reference": "adapter"},
+        "adapter": {"reference": "adapter", "generations": True},
         **({"precompute": {"precompute": True}} if engine == "zero3" else {}),
     }
     result = {}

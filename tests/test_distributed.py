@@ -6,7 +6,8 @@ Against the 1-process run on the same global batch of 4 pairs (SGD with momentum
 from ln 2 to about 0.04-0.09): every per-step loss within 1e-5; the reference's per-pair log-prob sums
 equal the unsharded reference's within 1e-5; under ZeRO-3 and FSDP2 each rank stores exactly its shard of
 the reference; the saved model loads with from_pretrained and evaluates like the trained one; resuming
-reproduces steps 3-4.
+reproduces steps 3-4; evaluation generations (split over the ranks, with the engine's gathered parameters)
+hold every prompt once and equal one process's, token for token.
 """
 
 import json
@@ -44,8 +45,11 @@ def baseline(fixture_dir, tmp_path_factory):
     """1 process, 4 pairs per step: the separate (unsharded) reference and the LoRA adapter reference."""
     out = tmp_path_factory.mktemp("single")
     return {
-        "model": dist_harness.run_phase("single", fixture_dir, out / "model"),
-        "adapter": dist_harness.run_phase("single", fixture_dir, out / "adapter", reference="adapter"),
+        "model": dist_harness.run_phase("single", fixture_dir, out / "model", generations=True),
+        "adapter": dist_harness.run_phase(
+            "single", fixture_dir, out / "adapter", reference="adapter", generations=True
+        ),
+        "out": out,
     }
 
 
@@ -75,6 +79,10 @@ def launch(engine, fixture_dir, out) -> dict:
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, f"exit code {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return json.loads((out / "result.json").read_text())
+
+
+def read_generations(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "generations.jsonl").read_text().splitlines()]
 
 
 def assert_losses_equal(got: dict, expected: dict, steps=(1, 2, 3, 4)):
@@ -175,6 +183,18 @@ def test_two_processes_match_one_process(engine, fixture_dir, baseline, tmp_path
     adapter = result["adapter"]
     assert_losses_equal(adapter["losses"], baseline["adapter"]["losses"])
     assert_reference_sums_equal(adapter["ref_rows"], single["ref_rows"])
+
+    # Generations: the ranks' shares gathered, every prompt once, as one process generates them (the policy with its
+    # adapter too, before training: the adapter-disabled base), with the same KL estimate.
+    for phase, steps in (("model", [0, 4]), ("adapter", [0])):
+        got = read_generations(tmp_path / engine / phase)
+        expected = read_generations(baseline["out"] / phase)
+        assert [(r["step"], r["row_id"]) for r in expected] == [(s, i) for s in steps for i in (1, 2, 3)], phase
+        assert [(r["step"], r["row_id"]) for r in got] == [(r["step"], r["row_id"]) for r in expected], phase
+        assert [r["completion_ids"] for r in got] == [r["completion_ids"] for r in expected], phase
+        for a, b in zip(got, expected):
+            assert abs(a["logratio"] - b["logratio"]) < 1e-4, (phase, a["step"], a["row_id"])
+    assert run["eval"]["eval_generation/kl"] == pytest.approx(single["eval"]["eval_generation/kl"], abs=1e-4)
 
     if engine == "zero3":
         precompute = result["precompute"]

@@ -227,3 +227,13 @@ def test_a_resumed_run_keeps_the_records_up_to_its_checkpoint_and_the_step0_leng
     args.eval_on_start = True
     callback.on_train_begin(args, types.SimpleNamespace(global_step=4), None)
     assert [(r["step"], r["row_id"]) for r in read_records(path)] == [(0, 0), (0, 1)]
+
+
+def test_fsdp1_is_refused_when_the_trainer_is_built():
+    from hf_dpo.reference.engines import EngineError
+    from hf_dpo.training.generation_engines import refuse_generation_engine
+
+    with pytest.raises(EngineError, match="--eval_generations under FSDP1.*FSDP2.*--eval_generations 0"):
+        refuse_generation_engine("fsdp1")
+    for engine in ("single", "ddp", "zero0", "zero2", "zero3", "fsdp2"):
+        refuse_generation_engine(engine)  # the engines tests/test_distributed.py generates under
