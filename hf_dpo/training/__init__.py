@@ -4,7 +4,10 @@
 (:class:`NormalizedDPOTrainer`), ``guards`` (non-finite losses, the step-0 self-check),
 ``launch`` (runs that would not get the engine they ask for), ``moe`` (the router
 load-balancing loss), ``metrics`` (pair-weighted metric means), ``splits`` (the train and
-eval sets), ``checkpoints`` (resuming from complete checkpoints only) and ``model_card``.
+eval sets), ``checkpoints`` (resuming from complete checkpoints only), ``model_card``, and the
+evaluation generations: ``generations`` (prompts, stops, the batched decode), ``generation_engines``
+(full parameters under ZeRO-3 / FSDP2), ``generation_kl``, ``generation_records`` (generations.jsonl),
+``generation_tables`` (tracker tables) and ``generation_eval`` (the callback).
 """
 
 from .checkpoints import latest_complete_checkpoint
