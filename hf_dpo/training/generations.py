@@ -48,10 +48,9 @@ def select_prompts(dataset, n: int) -> list[Prompt]:
     """The first ``n`` distinct prompts of a tokenized evaluation set, in data set order (fewer if it has fewer)."""
     prompts: list[Prompt] = []
     seen: set[tuple[int, ...]] = set()
-    for index in range(len(dataset)):
+    for index, row in enumerate(dataset):  # stops early: an iterable evaluation set is read only as far as needed
         if len(prompts) == n:
             break
-        row = dataset[index]
         if "prompt_length" not in row:
             raise ValueError(
                 "--eval_generations needs the evaluation set's prompt_length column (written by hf_dpo's tokenization): "
