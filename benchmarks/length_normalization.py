@@ -129,8 +129,8 @@ def main(argv=None) -> str:
         "--data", type=Path, required=True, help="preference pairs (hf_dpo layouts or LLaMA-Factory sharegpt)"
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/length_normalization"))
-    parser.add_argument("--train_pairs", type=int, default=160)
-    parser.add_argument("--eval_pairs", type=int, default=40)
+    parser.add_argument("--train_pairs", type=int, default=96)
+    parser.add_argument("--eval_pairs", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=384)
     parser.add_argument("--max_steps", type=int, default=24)
     parser.add_argument("--batch_size", type=int, default=2)
@@ -140,7 +140,9 @@ def main(argv=None) -> str:
     parser.add_argument("--eval_generations", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="1: on a shared CPU two threads decode several times slower"
+    )
     parser.add_argument("--hf_dpo", default="hf-dpo", help="the command to run (e.g. 'python -m hf_dpo')")
     args = parser.parse_args(argv)
 
