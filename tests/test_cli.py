@@ -479,9 +479,10 @@ def test_trl_aliases_translate_and_refuse():
 
 def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypatch):
     """Trainer's own push path, offline: the hub client is patched where transformers calls it."""
+    from cpu_run import cpu_args
     from huggingface_hub import HfApi
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
     from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
     calls = {}
@@ -508,18 +509,14 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer)
     model.config._name_or_path = "someone/tiny-base"  # as if loaded from the hub
-    args = DPOConfig(
-        output_dir=str(tmp_path / "out"),
+    args = cpu_args(
+        tmp_path / "out",
         max_steps=2,
         per_device_train_batch_size=4,
-        report_to="none",
         push_to_hub=True,
         hub_model_id="someone/tiny-dpo",
-        save_strategy="no",
-        use_cpu=True,
         max_length=128,
         max_prompt_length=96,
-        disable_tqdm=True,
     )
     trainer = NormalizedDPOTrainer(
         model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer

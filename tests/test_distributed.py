@@ -32,6 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dist_harness  # noqa: E402
+from cpu_run import cpu_args  # noqa: E402
 
 CONFIGS = {
     "ddp": ROOT / "examples" / "accelerate_configs" / "ddp.yaml",
@@ -155,14 +156,11 @@ def reload_and_evaluate(final_dir, fixture_dir, tmp_path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
 
-    args = DPOConfig(
-        output_dir=str(tmp_path / "reload"),
+    args = cpu_args(
+        tmp_path / "reload",
         per_device_eval_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         beta=2.0,
         max_length=64,
         max_prompt_length=48,
@@ -371,12 +369,12 @@ def test_fsdp_asked_for_but_not_enabled_stops(fixture_dir, tmp_path, monkeypatch
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
     from hf_dpo.reference.engines import EngineError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=64, max_prompt_length=48)
+    args = cpu_args(tmp_path, max_length=64, max_prompt_length=48)
     try:
         with pytest.raises(EngineError, match="FSDP was asked for .* accelerate runs"):
             NormalizedDPOTrainer(

@@ -9,15 +9,17 @@ a handful of steps). ``pytest -k real_model`` selects the group.
 """
 
 import copy
+import functools
 import math
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from cpu_run import cpu_args, trl_cpu_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
+from hf_dpo import DPOCollator, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
 from hf_dpo.scoring import score_batch
 from hf_dpo.scoring.batch import logp_plan
 from hf_dpo.scoring.head import captured_last_hidden
@@ -46,23 +48,16 @@ def real_pairs():
     return load_preference_dataset(str(PAIRS_FILE)).select(range(N_PAIRS))
 
 
-def args_for(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        per_device_train_batch_size=N_PAIRS,
-        per_device_eval_batch_size=N_PAIRS,
-        max_length=MAX_LENGTH,
-        max_steps=1,
-        logging_steps=1,
-        warmup_steps=0,  # a warmup's first step has learning rate 0: these runs are one or two steps long
-        seed=0,
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
+args_for = functools.partial(
+    cpu_args,
+    per_device_train_batch_size=N_PAIRS,
+    per_device_eval_batch_size=N_PAIRS,
+    max_length=MAX_LENGTH,
+    max_steps=1,
+    logging_steps=1,
+    warmup_steps=0,  # a warmup's first step has learning rate 0: these runs are one or two steps long
+    seed=0,
+)
 
 
 def first_batch(trainer):
@@ -232,17 +227,10 @@ def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, rea
     theirs = trl.DPOTrainer(
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(real_model),
-        args=trl.DPOConfig(
-            output_dir=str(tmp_path / "trl"),
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
+        args=trl_cpu_args(
+            tmp_path / "trl",
             loss_type=["sigmoid_norm"],
             beta=ours.args.beta,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
             max_length=MAX_LENGTH,
             per_device_train_batch_size=N_PAIRS,
         ),
