@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from cpu_run import cpu_args
 
 from hf_dpo import DPOConfig
 from hf_dpo.cli.demo import build_model, build_tokenizer
@@ -216,7 +217,7 @@ def test_a_resumed_run_keeps_the_records_up_to_its_checkpoint_and_the_step0_leng
 
     path = tmp_path / "generations.jsonl"
     write_records(path, [record(0, 0, 10), record(0, 1, 20), record(4, 0, 5), record(8, 0, 1)], append=False)
-    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, eval_generations=2)
+    args = cpu_args(tmp_path, eval_generations=2)
     accelerator = types.SimpleNamespace(is_main_process=PartialState().is_main_process, state=types.SimpleNamespace())
     callback = GenerationEval(args, accelerator, build_tokenizer("chatml"), "model", None, "single", list)
     callback.on_train_begin(args, types.SimpleNamespace(global_step=4), None)

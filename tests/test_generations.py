@@ -18,6 +18,7 @@ import logging
 import datasets
 import pytest
 import torch
+from cpu_run import cpu_args
 from transformers import GenerationConfig
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
@@ -30,11 +31,6 @@ N, MAX_NEW = 5, 12
 
 def make_args(output_dir, **overrides) -> DPOConfig:
     values = dict(
-        output_dir=str(output_dir),
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
         max_length=64,
         max_prompt_length=48,
         per_device_train_batch_size=8,
@@ -50,7 +46,7 @@ def make_args(output_dir, **overrides) -> DPOConfig:
         eval_generation_max_new_tokens=MAX_NEW,
     )
     values.update(overrides)
-    return DPOConfig(**values)
+    return cpu_args(output_dir, **values)
 
 
 @pytest.fixture(scope="module")
