@@ -24,6 +24,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def tiny_trainer():
+    """``cpu_run.tiny_trainer``: the demo tokenizer, a tiny Llama and a trainer over demo rows (tests/cpu_run.py)."""
+    from cpu_run import tiny_trainer
+
+    return tiny_trainer
+
+
+@pytest.fixture(scope="session")
 def hf_dpo_command() -> str:
     """The installed ``hf-dpo`` console script of the interpreter running the tests.
 

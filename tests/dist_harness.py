@@ -7,8 +7,9 @@ checkpoint-2 is complete; the launch must end with an error, the survivor stoppe
 ``... ENGINE FIXTURE OUT main`` then runs, in one launch:
 1. ``model``, the separate reference: 4 SGD steps (momentum 0.5: its state must survive the resume; FSDP2 cannot
    reload an empty optimizer state) (checkpoint at step 2), final save, evaluation, the reference's per-pair sums of
-   every step and its per-rank parameter counts;
-2. ``adapter``: the LoRA adapter-disabled reference, 4 steps; ``precompute`` (ZeRO-2, ZeRO-3): precompute_ref_logps;
+   every step and its per-rank parameter counts; evaluation generations (3 prompts, split 2 + 1 over the ranks)
+   before training and at the final evaluation;
+2. ``adapter``: the LoRA adapter-disabled reference, 4 steps, with evaluation generations before training; ``precompute`` (ZeRO-2, ZeRO-3): precompute_ref_logps;
 3. ``resume_killed``: ``resume_from_checkpoint=True`` on the killed run: it must pass over the partial checkpoint-4;
 4. ``nan_error`` / ``nan_skip``: rank 1's policy turns NaN from step 2 (tests/custom_models/nan_logits.py), with
    ``nonfinite_loss`` error and skip (``nonfinite_max_consecutive_skips=2``); each process catches the error;
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 MAX_STEPS, SAVE_STEPS, PER_RANK, WORLD = 4, 2, 2, 2
+GENERATIONS = {"eval_generations": 3, "eval_generation_max_new_tokens": 8, "eval_on_start": True}
 CPU_DS_CONFIG = Path(__file__).resolve().parent / "accelerate_configs" / "cpu"
 NAN_FROM_STEP, KILL_STEP, RAISE_STEP, HANG_STEP, STEP_TIMEOUT = 2, 4, 2, 3, 3.0
 # The reference each engine's killed run uses; the uninterrupted phase of the same name is its baseline.
@@ -104,7 +106,16 @@ class Messages(logging.Handler):
 
 
 def run_phase(
-    engine, fixture, out, reference="model", precompute=False, resume=None, extra=None, fault=None, sync=False
+    engine,
+    fixture,
+    out,
+    reference="model",
+    precompute=False,
+    resume=None,
+    extra=None,
+    fault=None,
+    sync=False,
+    generations=False,
 ):
     """Train one phase; returns a dict of numbers (meaningful on every rank).
 
@@ -149,6 +160,7 @@ def run_phase(
         sync_ref_model=sync,
         ref_model_mixup_alpha=0.5,
         ref_model_sync_steps=1,
+        **(GENERATIONS if generations else {}),
         **(extra or {}),
     )
     # Loaded after DPOConfig, so that ZeRO-3 partitions both models as they load.
@@ -275,8 +287,8 @@ def main(engine, fixture, out, mode):
         run_phase(engine, fixture, out / kill, extra=extra, fault="kill", **PHASES[kill])
         raise AssertionError("rank 1 was to be killed while saving checkpoint-4")
     phases = {
-        "model": PHASES["model"],
-        "adapter": PHASES["adapter"],
+        "model": {**PHASES["model"], "generations": True},
+        "adapter": {**PHASES["adapter"], "generations": True},
         **({"precompute": PHASES["precompute"]} if engine.startswith("zero") else {}),
         "resume_killed": {**PHASES[kill], "resume": True, "out": out.parent / "kill" / kill},
         "nan_error": {"fault": "nan"},

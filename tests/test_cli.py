@@ -146,6 +146,18 @@ def read_scalars(log_root: Path) -> dict[str, list[int]]:
     return steps
 
 
+def read_text_steps(log_root: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted(log_root.rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        if f"{tag}/text_summary" in accumulator.Tags()["tensors"]:
+            steps += [e.step for e in accumulator.Tensors(f"{tag}/text_summary")]
+    return steps
+
+
 def test_tensorboard_events_under_output_dir_hold_train_and_eval_dpo_metrics(tensorboard_run):
     output_dir = tensorboard_run
     assert not (ROOT / "runs").exists() and not (output_dir.parent / "runs").exists()
@@ -157,6 +169,19 @@ def test_tensorboard_events_under_output_dir_hold_train_and_eval_dpo_metrics(ten
     state = json.loads((output_dir / "trainer_state.json").read_text())
     first_eval = next(e for e in state["log_history"] if "eval_loss" in e)
     assert first_eval["step"] == 0 and first_eval["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
+    # The demo generates for 4 held-out prompts at every evaluation (DEMO_EVAL_DEFAULTS): scalars, text, records.
+    for key in ("length_mean", "length_ratio", "finished_fraction", "chosen_length_ratio", "kl", "runtime"):
+        assert sorted(steps[f"eval/generation/{key}"]) == [0, 4, 6], key
+    assert sorted(read_text_steps(output_dir / "runs", "eval/generations")) == [0, 4, 6]
+    records = [json.loads(line) for line in (output_dir / "generations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] * 4 + [4] * 4 + [6] * 4
+    assert first_eval["eval_generation/kl"] == 0.0 and first_eval["eval_generation/length_ratio"] == 1.0
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert (summary["generations"]["before"]["step"], summary["generations"]["after"]["step"]) == (0, 6)
+    # The generations' cost on the demo: under a fifth of the run (measured 5-6%, issue 17's bound 20%).
+    generation_seconds = sum(e.get("eval_generation/runtime", 0.0) for e in state["log_history"])
+    assert summary["generations"]["seconds"] == pytest.approx(generation_seconds)
+    assert 0 < generation_seconds < 0.2 * summary["time_s"], (generation_seconds, summary["time_s"])
 
 
 def test_model_card_of_a_full_model(tensorboard_run):
@@ -185,6 +210,7 @@ def test_model_card_of_a_full_model(tensorboard_run):
         "demo_assets/model",
         "demo_assets/train.jsonl",
         "![training curves](training_curves.png)",
+        "## Generations before and after training",
         "- transformers: ",
         "- torch: ",
     ):
@@ -201,6 +227,7 @@ def test_resume_true_continues_from_the_newest_checkpoint_and_reproduces_the_los
     output_dir.mkdir()
     for name in ("checkpoint-2", "checkpoint-4"):
         shutil.copytree(tensorboard_run / name, output_dir / name)
+    shutil.copy(tensorboard_run / "generations.jsonl", output_dir)  # with the step-6 records of the run to redo
     proc = run(
         [
             hf_dpo_command,
@@ -227,6 +254,13 @@ def test_resume_true_continues_from_the_newest_checkpoint_and_reproduces_the_los
     assert [s for s, _ in losses(resumed)] == [1, 2, 3, 4, 5, 6]
     for (step, expected), (_, got) in zip(losses(full), losses(resumed)):
         assert got == pytest.approx(expected, abs=1e-6), step
+    # The records after checkpoint-4 are dropped and written again; length_ratio still compares with step 0.
+    records = [json.loads(line) for line in (output_dir / "generations.jsonl").read_text().splitlines()]
+    original = [json.loads(line) for line in (tensorboard_run / "generations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0] * 4 + [4] * 4 + [6] * 4
+    assert [r["completion_ids"] for r in records] == [r["completion_ids"] for r in original]
+    last = lambda history: next(e for e in reversed(history) if "eval_generation/length_ratio" in e)  # noqa: E731
+    assert last(resumed)["eval_generation/length_ratio"] == last(full)["eval_generation/length_ratio"]
 
 
 def test_lora_model_card(hf_dpo_command, tmp_path):
@@ -445,9 +479,10 @@ def test_trl_aliases_translate_and_refuse():
 
 def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypatch):
     """Trainer's own push path, offline: the hub client is patched where transformers calls it."""
+    from cpu_run import cpu_args
     from huggingface_hub import HfApi
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
     from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
     calls = {}
@@ -474,18 +509,14 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
     tokenizer = build_tokenizer("chatml")
     model = build_model(tokenizer)
     model.config._name_or_path = "someone/tiny-base"  # as if loaded from the hub
-    args = DPOConfig(
-        output_dir=str(tmp_path / "out"),
+    args = cpu_args(
+        tmp_path / "out",
         max_steps=2,
         per_device_train_batch_size=4,
-        report_to="none",
         push_to_hub=True,
         hub_model_id="someone/tiny-dpo",
-        save_strategy="no",
-        use_cpu=True,
         max_length=128,
         max_prompt_length=96,
-        disable_tqdm=True,
     )
     trainer = NormalizedDPOTrainer(
         model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer

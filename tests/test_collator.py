@@ -137,34 +137,28 @@ def test_missing_pad_token_id_is_refused_at_construction_naming_the_fix(pad):
             PackedDPOCollator(pad_token_id=pad, **options)
 
 
-def test_trainer_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, caplog):
+def test_trainer_pads_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path, caplog, tiny_trainer):
     """The default collator falls back to EOS and says so once; the run trains and pads with the EOS id."""
     import logging
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
-    from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
+    from cpu_run import cpu_args
+
+    from hf_dpo.cli.demo import build_tokenizer
 
     tokenizer = build_tokenizer("chatml")
     tokenizer.pad_token = None
     assert tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None
-    args = DPOConfig(
-        output_dir=str(tmp_path),
+    args = cpu_args(
+        tmp_path,
         max_steps=2,
         per_device_train_batch_size=3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
         max_length=64,
         learning_rate=1e-3,
         padding_free=False,
         share_prompt=False,  # the padded layout, whose pad positions are checked below
     )
-    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
     with caplog.at_level(logging.WARNING, logger="hf_dpo.layouts.padded"):
-        trainer = NormalizedDPOTrainer(
-            model=model, args=args, train_dataset=make_preference_rows(6, seed=0), processing_class=tokenizer
-        )
+        trainer = tiny_trainer(args, 6, tokenizer=tokenizer)
     messages = [r.getMessage() for r in caplog.records if r.name == "hf_dpo.layouts.padded"]
     assert messages == [
         f"the tokenizer has no pad token: padding with its EOS token (id {tokenizer.eos_token_id}); padding is never scored"

@@ -9,7 +9,9 @@ nonfinite_loss modes; then one process raising or hanging, which ends the launch
 Against the 1-process run on the same global batch of 4 pairs (SGD with momentum, 4 steps, losses moving
 from ln 2 to about 0.04-0.09): every per-step loss within 1e-5; the reference's per-pair log-prob sums
 equal the unsharded reference's within 1e-5; under ZeRO-3 and FSDP2 each rank stores exactly its shard of
-the reference; the saved model loads with from_pretrained and evaluates like the trained one. Under faults:
+the reference; the saved model loads with from_pretrained and evaluates like the trained one; evaluation
+generations (split over the ranks, with the engine's gathered parameters) hold every prompt once and equal one
+process's, token for token. Under faults:
 the survivor of the killed run stops within seconds, the resume passes over the partial checkpoint-4 with a
 WARNING and reproduces steps 3-4; a NaN on rank 1 stops both processes at the same step with the same message
 naming rank 1 and its rows, or (skip) skips the same steps on both, logs the loss of rank 0 alone with the count
@@ -30,6 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 import dist_harness  # noqa: E402
+from cpu_run import cpu_args  # noqa: E402
 
 CONFIGS = {
     "ddp": ROOT / "examples" / "accelerate_configs" / "ddp.yaml",
@@ -52,9 +55,12 @@ def baseline(fixture_dir, tmp_path_factory):
     """1 process, 4 pairs per step: the separate (unsharded) reference, the LoRA adapter reference, TR-DPO."""
     out = tmp_path_factory.mktemp("single")
     return {
-        "model": dist_harness.run_phase("single", fixture_dir, out / "model"),
-        "adapter": dist_harness.run_phase("single", fixture_dir, out / "adapter", reference="adapter"),
+        "model": dist_harness.run_phase("single", fixture_dir, out / "model", generations=True),
+        "adapter": dist_harness.run_phase(
+            "single", fixture_dir, out / "adapter", reference="adapter", generations=True
+        ),
         "sync": dist_harness.run_phase("single", fixture_dir, out / "sync", sync=True),
+        "out": out,
     }
 
 
@@ -109,6 +115,10 @@ def engine_run(request, fixture_dir, tmp_path_factory):
     return {"engine": engine, "kill": kill, "main": main, "result": result}
 
 
+def read_generations(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "generations.jsonl").read_text().splitlines()]
+
+
 def assert_losses_equal(got: dict, expected: dict, steps=(1, 2, 3, 4)):
     for step in steps:
         assert abs(got[str(step)] - expected[str(step)]) < TOL, (step, got[str(step)], expected[str(step)])
@@ -146,14 +156,11 @@ def reload_and_evaluate(final_dir, fixture_dir, tmp_path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
 
-    args = DPOConfig(
-        output_dir=str(tmp_path / "reload"),
+    args = cpu_args(
+        tmp_path / "reload",
         per_device_eval_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         beta=2.0,
         max_length=64,
         max_prompt_length=48,
@@ -201,6 +208,18 @@ def test_two_processes_match_one_process(engine_run, fixture_dir, baseline, tmp_
     adapter = result["adapter"]
     assert_losses_equal(adapter["losses"], baseline["adapter"]["losses"])
     assert_reference_sums_equal(adapter["ref_rows"], single["ref_rows"])
+
+    # Generations: the ranks' shares gathered, every prompt once, as one process generates them (the policy with its
+    # adapter too, before training: the adapter-disabled base), with the same KL estimate.
+    for phase, steps in (("model", [0, 4]), ("adapter", [0])):
+        got = read_generations(engine_run["main"]["out"] / phase)
+        expected = read_generations(baseline["out"] / phase)
+        assert [(r["step"], r["row_id"]) for r in expected] == [(s, i) for s in steps for i in (1, 2, 3)], phase
+        assert [(r["step"], r["row_id"]) for r in got] == [(r["step"], r["row_id"]) for r in expected], phase
+        assert [r["completion_ids"] for r in got] == [r["completion_ids"] for r in expected], phase
+        for a, b in zip(got, expected):
+            assert abs(a["logratio"] - b["logratio"]) < 1e-4, (phase, a["step"], a["row_id"])
+    assert run["eval"]["eval_generation/kl"] == pytest.approx(single["eval"]["eval_generation/kl"], abs=1e-4)
 
     if engine.startswith("zero"):
         precompute = result["precompute"]
@@ -350,12 +369,12 @@ def test_fsdp_asked_for_but_not_enabled_stops(fixture_dir, tmp_path, monkeypatch
     from accelerate.state import AcceleratorState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
     from hf_dpo.reference.engines import EngineError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=64, max_prompt_length=48)
+    args = cpu_args(tmp_path, max_length=64, max_prompt_length=48)
     try:
         with pytest.raises(EngineError, match="FSDP was asked for .* accelerate runs"):
             NormalizedDPOTrainer(

@@ -51,20 +51,13 @@ def train_losses(output_dir: Path) -> list[tuple[int, float]]:
 
 def held_out_eval(model, output_dir: Path) -> dict:
     """Evaluate ``model`` on the run's 32 held-out pairs with the run's settings, in one batch."""
+    from cpu_run import cpu_args
     from transformers import AutoTokenizer
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset
+    from hf_dpo import NormalizedDPOTrainer, load_preference_dataset
 
     eval_rows = load_preference_dataset(output_dir / "demo_assets" / "eval.jsonl").select(range(32))
-    args = DPOConfig(
-        output_dir=str(output_dir / "reload_eval"),
-        per_device_eval_batch_size=32,
-        max_length=128,
-        max_prompt_length=96,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = cpu_args(output_dir / "reload_eval", per_device_eval_batch_size=32, max_length=128, max_prompt_length=96)
     trainer = NormalizedDPOTrainer(
         model=model, args=args, eval_dataset=eval_rows, processing_class=AutoTokenizer.from_pretrained(output_dir)
     )

@@ -2,15 +2,17 @@
 the first-step ln 2 check with its diagnosis, and the beta warning."""
 
 import copy
+import functools
 import logging
 import math
 
 import datasets
 import pytest
 import torch
+from cpu_run import TINY_LLAMA, cpu_args, tiny_trainer
 from transformers import TrainerCallback
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo import NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.losses import sft_nll
 from hf_dpo.scoring.logprobs import response_logp_sums, sequence_logps
@@ -28,24 +30,17 @@ def tokenizer():
 
 
 def tiny_model(tokenizer, seed=0):
-    return build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=seed)
+    return build_model(tokenizer, **TINY_LLAMA, seed=seed)
 
 
-def config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=1,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        learning_rate=1e-2,
-        warmup_steps=0,  # the learning-rate checks below count scheduler steps from a flat start
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
+config = functools.partial(
+    cpu_args,
+    per_device_train_batch_size=2,
+    max_steps=1,
+    logging_steps=1,
+    learning_rate=1e-2,
+    warmup_steps=0,  # the learning-rate checks below count scheduler steps from a flat start
+)
 
 
 class PoisonedTrainer(NormalizedDPOTrainer):
@@ -64,10 +59,7 @@ class PoisonedTrainer(NormalizedDPOTrainer):
 
 
 def test_nonfinite_loss_raises_naming_the_rows_of_the_batch(tmp_path, tokenizer):
-    rows = make_preference_rows(4, seed=0)
-    trainer = PoisonedTrainer(
-        model=tiny_model(tokenizer), args=config(tmp_path, max_steps=2), train_dataset=rows, processing_class=tokenizer
-    )
+    trainer = tiny_trainer(config(tmp_path, max_steps=2), tokenizer=tokenizer, trainer_class=PoisonedTrainer)
     with pytest.raises(NonFiniteLossError) as caught:
         trainer.train()
     message = str(caught.value)
@@ -104,12 +96,7 @@ def test_skipped_step_leaves_parameters_optimizer_and_learning_rate_bit_identica
             )
 
     args = config(tmp_path, max_steps=4, nonfinite_loss="skip", weight_decay=0.1, lr_scheduler_type="linear", seed=3)
-    trainer = PoisonedTrainer(
-        model=tiny_model(tokenizer),
-        args=args,
-        train_dataset=make_preference_rows(4, seed=0),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(args, tokenizer=tokenizer, trainer_class=PoisonedTrainer)
     trainer.add_callback(Snapshot())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -138,12 +125,7 @@ def test_nan_gradient_behind_a_finite_loss_never_reaches_the_weights(tmp_path, t
         return grad * float("nan") if len(backward_calls) == 2 else grad
 
     model.lm_head.weight.register_hook(poison)
-    trainer = NormalizedDPOTrainer(
-        model=model,
-        args=config(tmp_path, max_steps=3),
-        train_dataset=make_preference_rows(4, seed=0),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(config(tmp_path, max_steps=3), tokenizer=tokenizer, model=model)
     with pytest.raises(
         NonFiniteLossError,
         match=r"^non-finite gradient at step 2 although the loss was finite\. Rows of this step: <rows>:\d, <rows>:\d\. ",
@@ -161,12 +143,7 @@ def test_nan_gradient_behind_a_finite_loss_never_reaches_the_weights(tmp_path, t
             if state.global_step == 2:
                 assert all(torch.equal(p, after_first[n]) for n, p in model.named_parameters())
 
-    trainer = NormalizedDPOTrainer(
-        model=tiny_model(tokenizer),
-        args=config(tmp_path, max_steps=3, nonfinite_loss="skip"),
-        train_dataset=make_preference_rows(4, seed=0),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(config(tmp_path, max_steps=3, nonfinite_loss="skip"), tokenizer=tokenizer)
     trainer.model.lm_head.weight.register_hook(poison)
     trainer.add_callback(Record())
     trainer.train()
@@ -195,12 +172,7 @@ def test_logged_loss_is_the_mean_of_the_finite_step_losses_with_the_count_of_the
     args = config(
         tmp_path, max_steps=4, logging_steps=2, nonfinite_loss="skip", nonfinite_max_consecutive_skips=2, seed=3
     )
-    trainer = Recording(
-        model=tiny_model(tokenizer),
-        args=args,
-        train_dataset=make_preference_rows(4, seed=0),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(args, tokenizer=tokenizer, trainer_class=Recording)
     trainer.train()
     finite = {step: loss for step, loss in batch_losses if math.isfinite(loss)}
     assert len(finite) == 2 and len(batch_losses) == 4 and trainer.guards.skipped_steps == 2
@@ -229,12 +201,7 @@ def test_logged_loss_equals_trainers_own_when_every_loss_is_finite(tmp_path, tok
 
     monkeypatch.setattr(LossLog, "update", record)
     args = config(tmp_path, max_steps=4, logging_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=2)
-    trainer = NormalizedDPOTrainer(
-        model=tiny_model(tokenizer),
-        args=args,
-        train_dataset=make_preference_rows(5, seed=0),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(args, 5, tokenizer=tokenizer)
     trainer.train()
     pairs = [(before[key], after[key]) for before, after in replaced for key in ("loss", "train_loss") if key in before]
     assert len(pairs) == 3  # steps 1-2, steps 3-4, train_loss
@@ -253,12 +220,7 @@ def test_skipped_steps_in_a_row_stop_the_run(tmp_path, tokenizer):
             return (sums + float("nan") if model.training else sums), counts
 
     args = config(tmp_path, max_steps=10, nonfinite_loss="skip", nonfinite_max_consecutive_skips=3)
-    trainer = AllPoisoned(
-        model=tiny_model(tokenizer),
-        args=args,
-        train_dataset=make_preference_rows(8, seed=0),
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(args, 8, tokenizer=tokenizer, trainer_class=AllPoisoned)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(NonFiniteLossError) as caught:
         trainer.train()
@@ -383,12 +345,12 @@ def test_initial_loss_is_the_loss_at_zero_log_ratio(tmp_path, overrides, expecte
 
 
 def first_step_records(tmp_path, tokenizer, caplog, model, ref_model=None, **overrides):
-    trainer = NormalizedDPOTrainer(
+    trainer = tiny_trainer(
+        config(tmp_path, **overrides),
+        make_preference_rows(2, seed=1),
+        tokenizer=tokenizer,
         model=model,
         ref_model=ref_model,
-        args=config(tmp_path, **overrides),
-        train_dataset=make_preference_rows(2, seed=1),
-        processing_class=tokenizer,
     )
     with caplog.at_level(logging.INFO, logger="hf_dpo.training.guards"):
         trainer.train()
@@ -488,12 +450,7 @@ def test_beta_below_one_with_length_normalization(tmp_path, tokenizer, caplog):
     assert beta_warning(config(tmp_path, beta=0.1, length_normalize=False)) is None
 
     with caplog.at_level(logging.INFO, logger="hf_dpo.training.selfcheck"):
-        NormalizedDPOTrainer(
-            model=tiny_model(tokenizer),
-            args=carried,
-            train_dataset=make_preference_rows(2, seed=1),
-            processing_class=tokenizer,
-        )
+        tiny_trainer(carried, make_preference_rows(2, seed=1), tokenizer=tokenizer)
     warnings = [
         r.getMessage() for r in caplog.records if r.name == "hf_dpo.training.selfcheck" and r.levelno == logging.WARNING
     ]
@@ -515,8 +472,6 @@ def test_trainer_warns_once_about_a_high_learning_rate_on_a_pretrained_size_mode
     assert sum(p.numel() for p in model.parameters()) > 10_000_000
     args = config(tmp_path, learning_rate=5e-5)
     with caplog.at_level(logging.WARNING, logger="hf_dpo.training.selfcheck"):
-        NormalizedDPOTrainer(
-            model=model, args=args, train_dataset=make_preference_rows(4, seed=0), processing_class=tokenizer
-        )
+        tiny_trainer(args, tokenizer=tokenizer, model=model)
     warnings = [r.getMessage() for r in caplog.records if "learning_rate=5e-05" in r.getMessage()]
     assert len(warnings) == 1

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu_run import cpu_args
 from test_packing import random_features
 from transformers import AutoModelForCausalLM
 
@@ -67,18 +68,8 @@ def run(directory, tokenizer, output_dir, **layout):
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True)
     assert type(model).__name__ == "TinyCustomForCausalLM" and type(model).__module__.startswith("transformers_modules")
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = DPOConfig(
-        output_dir=str(output_dir),
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        max_steps=2,
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        seed=0,
-        **layout,
+    args = cpu_args(
+        output_dir, max_steps=2, logging_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, seed=0, **layout
     )
     trainer = NormalizedDPOTrainer(
         model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer
@@ -119,12 +110,14 @@ def test_mask_honouring_custom_model_keeps_the_layout(custom_dirs, tokenizer, tm
 
 def test_trainer_loads_custom_code_only_with_trust_remote_code(custom_dirs, tokenizer, tmp_path):
     rows = make_preference_rows(4, seed=0)
-    common = dict(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, max_steps=1)
     with pytest.raises(ValueError, match="trust_remote_code"):
         NormalizedDPOTrainer(
-            model=str(custom_dirs[True]), args=DPOConfig(**common), train_dataset=rows, processing_class=tokenizer
+            model=str(custom_dirs[True]),
+            args=cpu_args(tmp_path, max_steps=1),
+            train_dataset=rows,
+            processing_class=tokenizer,
         )
-    args = DPOConfig(**common)
+    args = cpu_args(tmp_path, max_steps=1)
     args.trust_remote_code = True
     trainer = NormalizedDPOTrainer(
         model=str(custom_dirs[True]),

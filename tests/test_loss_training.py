@@ -15,6 +15,7 @@ import math
 
 import datasets
 import pytest
+from cpu_run import cpu_args
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
 from hf_dpo.cli.arguments import parse_args
@@ -42,13 +43,9 @@ def setup(tmp_path_factory):
 
 
 def args_for(output_dir, loss_type, **overrides) -> DPOConfig:
-    return DPOConfig(
-        output_dir=str(output_dir),
+    return cpu_args(
+        output_dir,
         loss_type=loss_type,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
         max_length=64,
         max_prompt_length=48,
         per_device_train_batch_size=4,

@@ -14,9 +14,10 @@ import copy
 
 import pytest
 import torch
+from cpu_run import cpu_args
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo import NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_tokenizer, make_preference_rows
 
 COEF = 0.3  # large, so that a dropped or doubled aux term shows far above 1e-6
@@ -66,23 +67,11 @@ def tokenizer():
 
 
 def make_trainer(tmp_path, tokenizer, policy, reference, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        max_length=64,
-        per_device_train_batch_size=4,
-        padding_free=False,
-        share_prompt=False,
-        seed=0,
-    )
-    values.update(overrides)
+    values = dict(max_length=64, per_device_train_batch_size=4, padding_free=False, share_prompt=False, seed=0)
     return NormalizedDPOTrainer(
         model=policy,
         ref_model=reference,
-        args=DPOConfig(**values),
+        args=cpu_args(tmp_path, **{**values, **overrides}),
         processing_class=tokenizer,
         train_dataset=make_preference_rows(8, seed=1),
     )

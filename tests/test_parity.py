@@ -31,8 +31,9 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_run import cpu_args, trl_cpu_args
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo import NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 
 N_PAIRS = 8
@@ -69,12 +70,8 @@ def models(tokenizer):
 
 def our_trainer(models, tokenizer, rows, output_dir, length_normalize: bool) -> NormalizedDPOTrainer:
     policy, reference = models
-    args = DPOConfig(
-        output_dir=str(output_dir),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
+    args = cpu_args(
+        output_dir,
         length_normalize=length_normalize,
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_LENGTH - 1,
@@ -167,17 +164,10 @@ def test_loss_matches_trl(models, tokenizer, rows, tmp_path, trl_loss_type, leng
     ours = our_trainer(models, tokenizer, rows, tmp_path / "ours", length_normalize)
     beta = ours.args.beta
 
-    trl_args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
+    trl_args = trl_cpu_args(
+        tmp_path / "trl",
         loss_type=[trl_loss_type],
         beta=beta,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
         max_length=MAX_LENGTH,
         per_device_train_batch_size=N_PAIRS,
         pad_to_multiple_of=None,

@@ -22,8 +22,9 @@ import re
 import datasets
 import pytest
 import torch
+from cpu_run import cpu_args, trl_cpu_args
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo import NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.losses import LOSS_REGISTRY, LossObjective
 
@@ -74,12 +75,8 @@ def trainers(models, tokenizer, rows, tmp_path_factory):
     ours = NormalizedDPOTrainer(
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(reference),
-        args=DPOConfig(
-            output_dir=str(out / "ours"),
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
+        args=cpu_args(
+            out / "ours",
             max_length=MAX_LENGTH,
             max_prompt_length=MAX_LENGTH - 1,
             per_device_train_batch_size=N_PAIRS,
@@ -90,15 +87,8 @@ def trainers(models, tokenizer, rows, tmp_path_factory):
     theirs = trl.DPOTrainer(
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(reference),
-        args=trl.DPOConfig(
-            output_dir=str(out / "trl"),
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
+        args=trl_cpu_args(
+            out / "trl",
             max_length=MAX_LENGTH,
             per_device_train_batch_size=N_PAIRS,
             pad_to_multiple_of=None,

@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from hf_dpo.cli.plotting import PANELS, curves_from_log_history, draw_training_curves, plot_training_curves
+from hf_dpo.cli.plotting import (
+    GENERATION_PANELS,
+    PANELS,
+    curves_from_log_history,
+    draw_training_curves,
+    plot_training_curves,
+)
 
 # A log history as Trainer writes it: evaluation before training at step 0, training
 # logs every 2 steps, a NaN loss (dropped), an evaluation at step 6, the final summary,
@@ -64,6 +70,23 @@ def test_plot_writes_a_png_of_the_figure_size(tmp_path):
     assert _png_size(path) == (1000, 700)  # figsize (10, 7) at 100 dpi
     pixels = imread(path)
     assert pixels.std() > 0.05  # lines and text were drawn, not a blank canvas
+
+
+def test_generation_panels_are_a_third_row_only_when_logged(tmp_path):
+    pytest.importorskip("matplotlib")
+    generations = [
+        {"eval_generation/length_mean": 30.0, "eval_generation/kl": 0.0, "step": 0},
+        {"eval_generation/length_mean": 4.0, "eval_generation/kl": 1.3, "step": 6},
+    ]
+    curves = curves_from_log_history(generations, ["generation/length_mean", "generation/kl"])
+    assert curves == {
+        "generation/length_mean": {"eval": ([0, 6], [30.0, 4.0])},
+        "generation/kl": {"eval": ([0, 6], [0.0, 1.3])},
+    }
+    assert {keys for _, _, keys in GENERATION_PANELS} == {("generation/length_mean",), ("generation/kl",)}
+    path = plot_training_curves(HISTORY + generations, tmp_path / "curves.png")
+    assert _png_size(path) == (1000, 1050)  # three rows of 3.5 inches at 100 dpi
+    assert _png_size(plot_training_curves(HISTORY, tmp_path / "plain.png")) == (1000, 700)  # not logged: two rows
 
 
 def test_plot_without_matplotlib_raises_a_clear_import_error(tmp_path, monkeypatch):

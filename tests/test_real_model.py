@@ -9,15 +9,17 @@ a handful of steps). ``pytest -k real_model`` selects the group.
 """
 
 import copy
+import functools
 import math
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from cpu_run import cpu_args, trl_cpu_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
+from hf_dpo import DPOCollator, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
 from hf_dpo.scoring import score_batch
 from hf_dpo.scoring.batch import logp_plan
 from hf_dpo.scoring.head import captured_last_hidden
@@ -26,6 +28,7 @@ from hf_dpo.scoring.projection import linear_token_logps
 PAIRS_FILE = Path(__file__).parent / "data" / "llamafactory_dpo_en_short.json"
 N_PAIRS = 4
 MAX_LENGTH = 384
+GRADIENT_POSITIONS = 256
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -46,27 +49,16 @@ def real_pairs():
     return load_preference_dataset(str(PAIRS_FILE)).select(range(N_PAIRS))
 
 
-def args_for(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        per_device_train_batch_size=N_PAIRS,
-        per_device_eval_batch_size=N_PAIRS,
-        max_length=MAX_LENGTH,
-        max_steps=1,
-        logging_steps=1,
-        warmup_steps=0,  # a warmup's first step has learning rate 0: these runs are one or two steps long
-        seed=0,
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
-
-
-def first_batch(trainer):
-    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+args_for = functools.partial(
+    cpu_args,
+    per_device_train_batch_size=N_PAIRS,
+    per_device_eval_batch_size=N_PAIRS,
+    max_length=MAX_LENGTH,
+    max_steps=1,
+    logging_steps=1,
+    warmup_steps=0,  # a warmup's first step has learning rate 0: these runs are one or two steps long
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -102,32 +94,20 @@ def test_real_model_scored_span_is_answer_and_end_of_turn(real_tokenizer, real_p
             assert real_tokenizer.decode(scored) == row[side][0]["content"] + "<|im_end|>\n"
 
 
-def test_real_model_step_zero_is_ln2_and_the_projection_equals_full_logits(
-    real_model, real_tokenizer, real_pairs, padded_batch, tmp_path
-):
-    trainer = NormalizedDPOTrainer(
-        model=copy.deepcopy(real_model),
-        args=args_for(tmp_path),
-        train_dataset=real_pairs,
-        processing_class=real_tokenizer,
-    )
-    batch = first_batch(trainer)
-    with torch.no_grad():
-        losses, aux_term, metrics = trainer.pair_losses(trainer.model, batch)
-    assert aux_term is None
-    assert losses.tolist() == pytest.approx([math.log(2)] * N_PAIRS, abs=1e-6)
-    assert metrics["rewards/chosen"].item() == 0 and metrics["rewards/margins"].item() == 0
-
-    # Tied embeddings: the response-only projection multiplies by the same tensor the model's head uses.
-    model = trainer.model.eval()
+def test_real_model_projection_equals_full_logits_with_tied_embeddings(real_model, padded_batch):
+    """The response-only projection multiplies by the same tensor the model's (tied) head uses: the same sums as
+    full logits, and the same gradient (against float64) on the real head."""
+    model = real_model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         full_sums, counts = score_batch(model, padded_batch, response_only=False)
         fused_sums, fused_counts = score_batch(model, padded_batch, response_only=True)
     assert torch.equal(counts, fused_counts)
     assert ((fused_sums - full_sums).abs() / counts).max().item() < 1e-6
-    # Its gradient, on the real head: the projection's kernel against log_softmax of the full logits.
+    # Its gradient, on the real head: the projection's kernel against log_softmax of the full logits, on the first
+    # GRADIENT_POSITIONS response positions (float64 over the 49,152-token vocabulary is the test's cost).
     positions, targets, _, _ = logp_plan(padded_batch)
+    positions, targets = positions[:GRADIENT_POSITIONS], targets[:GRADIENT_POSITIONS]
     with torch.no_grad(), captured_last_hidden(model) as captured:
         model(input_ids=padded_batch["input_ids"], attention_mask=padded_batch["attention_mask"], use_cache=False)
     hidden = captured[0].reshape(-1, captured[0].shape[-1])[positions]  # (M, H): the positions that predict responses
@@ -142,7 +122,7 @@ def test_real_model_step_zero_is_ln2_and_the_projection_equals_full_logits(
         logps.sum().backward()
         grads[path] = (head.grad.double(), h.grad.double())
     for i, name in enumerate(("head", "hidden")):
-        # Against float64: the kernel's gradient is as accurate as the full logits' (both fp32 sums over ~1000
+        # Against float64: the kernel's gradient is as accurate as the full logits' (both fp32 sums over the
         # positions, in other orders), i.e. it computes the same thing.
         exact = grads["exact"][i]
         errors = {path: ((grads[path][i] - exact).norm() / exact.norm()).item() for path in ("plain", "fused")}
@@ -150,14 +130,16 @@ def test_real_model_step_zero_is_ln2_and_the_projection_equals_full_logits(
         assert errors["fused"] < max(2 * errors["plain"], 1e-6), name
 
 
-def test_real_model_auto_layouts_prove_themselves_on_the_first_batch(
-    real_model, real_tokenizer, real_pairs, tmp_path, caplog
+def test_real_model_full_finetune_step_zero_layouts_and_reload(
+    real_model, real_tokenizer, real_pairs, padded_batch, tmp_path, caplog
 ):
-    """On the real Llama (sdpa) the automatic layouts are chosen, checked against the padded path on the first
-    batch for policy and reference, and the run says which and by how much."""
+    """A full fine-tune with the defaults on the real Llama (sdpa): the automatic layouts are chosen, checked
+    against the padded path on the first batch for policy and reference, and the run says which and by how much;
+    step 1's loss is ln 2 with rewards 0 (policy == reference); the saved model keeps its tied embeddings and
+    scores the pairs exactly as the trained one."""
     trainer = NormalizedDPOTrainer(
         model=copy.deepcopy(real_model),
-        args=args_for(tmp_path),
+        args=args_for(tmp_path / "run", learning_rate=1e-5),
         train_dataset=real_pairs,
         processing_class=real_tokenizer,
     )
@@ -169,6 +151,16 @@ def test_real_model_auto_layouts_prove_themselves_on_the_first_batch(
     differences = [float(part.split("difference ")[1].split(" ")[0]) for part in lines[0].split(";")]
     assert len(differences) == 2 and max(differences) < 1e-4  # the tolerance: fp32 kernels reorder sums
     assert not trainer.data_collator.fell_back
+    step1 = next(e for e in trainer.state.log_history if "loss" in e)
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert step1["rewards/chosen"] == 0 and step1["rewards/margins"] == 0
+
+    trainer.save_model()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    trained = mean_logps(trainer.model, padded_batch)
+    assert torch.equal(mean_logps(reloaded, padded_batch), trained)
+    assert (trained - mean_logps(real_model, padded_batch)).abs().max() > 0
 
 
 def test_real_model_lora_adapter_trains_and_reloads_to_the_same_scores(
@@ -197,22 +189,6 @@ def test_real_model_lora_adapter_trains_and_reloads_to_the_same_scores(
     assert (trained - base).abs().max().item() > 1e-3  # the adapter changed the scores
 
 
-def test_real_model_full_finetune_saves_tied_weights_and_reloads_identically(
-    real_model, real_tokenizer, real_pairs, padded_batch, tmp_path
-):
-    args = args_for(tmp_path / "run", learning_rate=1e-5, max_steps=1)
-    trainer = NormalizedDPOTrainer(
-        model=copy.deepcopy(real_model), args=args, train_dataset=real_pairs, processing_class=real_tokenizer
-    )
-    trainer.train()
-    trainer.save_model()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
-    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
-    trained = mean_logps(trainer.model, padded_batch)
-    assert torch.equal(mean_logps(reloaded, padded_batch), trained)
-    assert (trained - mean_logps(real_model, padded_batch)).abs().max() > 0
-
-
 def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, real_pairs, tmp_path):
     """One batch, the policy moved away from the reference by one step: our default loss is TRL 1.16's sigmoid_norm."""
     trl = pytest.importorskip("trl")
@@ -232,17 +208,10 @@ def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, rea
     theirs = trl.DPOTrainer(
         model=copy.deepcopy(policy),
         ref_model=copy.deepcopy(real_model),
-        args=trl.DPOConfig(
-            output_dir=str(tmp_path / "trl"),
-            report_to=[],
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
+        args=trl_cpu_args(
+            tmp_path / "trl",
             loss_type=["sigmoid_norm"],
             beta=ours.args.beta,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
             max_length=MAX_LENGTH,
             per_device_train_batch_size=N_PAIRS,
         ),

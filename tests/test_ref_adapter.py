@@ -18,15 +18,17 @@ numbers, for ``policy_adapter`` copy and new:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 
 import datasets
 import pytest
 import torch
+from cpu_run import cpu_args
 from transformers import AutoModelForCausalLM
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer
+from hf_dpo import NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
 from hf_dpo.reference.adapters import REF_ADAPTER
 from hf_dpo.reference.modes import reference_logp_sums
@@ -67,25 +69,18 @@ def load_base(paths):
     return AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
 
 
-def make_args(output_dir, **overrides) -> DPOConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=16,
-        max_steps=6,
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        max_length=64,
-        max_prompt_length=48,
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
+make_args = functools.partial(
+    cpu_args,
+    per_device_train_batch_size=4,
+    per_device_eval_batch_size=16,
+    max_steps=6,
+    learning_rate=2e-2,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    max_length=64,
+    max_prompt_length=48,
+    seed=0,
+)
 
 
 def new_lora():
@@ -362,15 +357,7 @@ def test_the_documented_command_trains_on_top_of_an_sft_adapter(hf_dpo_command, 
     assert config["r"] == 8 + 4
     # The demo's base lives under the output folder, so the adapter config names it relative to that folder.
     base = AutoModelForCausalLM.from_pretrained(output_dir / config["base_model_name_or_path"])
-    args = DPOConfig(
-        output_dir=str(tmp_path / "reload"),
-        per_device_eval_batch_size=64,
-        max_length=128,
-        max_prompt_length=96,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
+    args = cpu_args(tmp_path / "reload", per_device_eval_batch_size=64, max_length=128, max_prompt_length=96)
     reloaded = NormalizedDPOTrainer(
         model=PeftModel.from_pretrained(base, output_dir),
         args=args,

@@ -3,6 +3,7 @@
 import datasets
 import pytest
 import torch
+from cpu_run import cpu_args
 from test_packing import random_features
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
@@ -16,9 +17,8 @@ def pairs(n, seed=0):
 
 def make_trainer(tmp_path, train, eval_=None, ref_seed=1, cache="cache", **options):
     tokenizer = build_tokenizer("chatml")
-    args = DPOConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
+    args = cpu_args(
+        tmp_path / "out",
         per_device_train_batch_size=2,
         per_device_eval_batch_size=2,
         ref_logps_cache_dir=str(tmp_path / cache),
@@ -98,9 +98,8 @@ def test_lora_reference_is_the_adapter_disabled_base(tmp_path):
     peft = pytest.importorskip("peft")
     tokenizer = build_tokenizer("chatml")
     train = pairs(2)
-    args = DPOConfig(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
+    args = cpu_args(
+        tmp_path / "out",
         per_device_eval_batch_size=2,
         precompute_ref_logps=True,
         ref_logps_cache_dir=str(tmp_path / "cache"),

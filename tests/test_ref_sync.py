@@ -11,6 +11,7 @@ Tiny Llama (hidden 16, 1 layer), fp32 on CPU, 8 pairs, batch 2, lr 1e-2.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -18,6 +19,7 @@ import shutil
 import datasets
 import pytest
 import torch
+from cpu_run import TINY_LLAMA, cpu_args, tiny_trainer
 from transformers import TrainerCallback
 
 from hf_dpo import DPOConfig, NormalizedDPOTrainer
@@ -38,27 +40,20 @@ def rows():
     return make_preference_rows(8, seed=0)
 
 
-def make_args(output_dir, **overrides) -> DPOConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=2,
-        max_steps=6,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        max_length=64,
-        max_prompt_length=48,
-        sync_ref_model=True,
-        ref_model_mixup_alpha=ALPHA,
-        ref_model_sync_steps=EVERY,
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
+make_args = functools.partial(
+    cpu_args,
+    per_device_train_batch_size=2,
+    max_steps=6,
+    learning_rate=1e-2,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    max_length=64,
+    max_prompt_length=48,
+    sync_ref_model=True,
+    ref_model_mixup_alpha=ALPHA,
+    ref_model_sync_steps=EVERY,
+    seed=0,
+)
 
 
 class Snapshots(TrainerCallback):
@@ -93,7 +88,7 @@ def expected_references(initial: dict, steps: list, alpha: float, every: int) ->
 def test_the_reference_follows_trls_rule_and_step_0_is_ln2(tokenizer, rows, tmp_path):
     """6 steps, a sync at steps 2, 4 and 6: after each step the reference equals the rule applied to the policy
     snapshots (within float32 rounding), it moved away from the initial model, and the first loss is ln 2."""
-    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0)
+    model = build_model(tokenizer, **TINY_LLAMA, seed=0)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     initial_buffers = {n: b.clone() for n, b in model.named_buffers()}
     trainer = NormalizedDPOTrainer(
@@ -123,9 +118,8 @@ def test_the_reference_follows_trls_rule_and_step_0_is_ln2(tokenizer, rows, tmp_
 
 def test_alpha_1_makes_the_reference_the_policy(tokenizer, rows, tmp_path):
     """alpha = 1 (the paper's hard update) every step: the reference is a copy of the policy after each step."""
-    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0)
     args = make_args(tmp_path, max_steps=2, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1)
-    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer = tiny_trainer(args, rows, tokenizer=tokenizer)
     trainer.train()
     policy = dict(trainer.model.named_parameters())
     for name, param in trainer.ref_model.named_parameters():
@@ -133,9 +127,8 @@ def test_alpha_1_makes_the_reference_the_policy(tokenizer, rows, tmp_path):
 
 
 def run(tokenizer, rows, output_dir, resume=None, **overrides):
-    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0)
     args = make_args(output_dir, save_strategy="steps", save_steps=2, **overrides)
-    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer = tiny_trainer(args, rows, tokenizer=tokenizer)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -188,32 +181,16 @@ def test_refused_settings_say_why(tokenizer, rows, tmp_path):
     with pytest.raises(ValueError, match="policy_adapter new: the policy is the SFT adapter plus a new one"):
         make_args(tmp_path, ref_adapter="some/adapter", policy_adapter="new")
     with pytest.raises(ValueError, match="loss is reference-free"):
-        NormalizedDPOTrainer(
-            model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),
-            args=make_args(tmp_path, loss_type="simpo"),
-            train_dataset=rows,
-            processing_class=tokenizer,
-        )
+        tiny_trainer(make_args(tmp_path, loss_type="simpo"), rows, tokenizer=tokenizer)
     lora = LoraConfig(r=2, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="adapter-disabled reference: that reference is the policy's own base"):
-        NormalizedDPOTrainer(
-            model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),
-            args=make_args(tmp_path),
-            train_dataset=rows,
-            processing_class=tokenizer,
-            peft_config=lora,
-        )
+        tiny_trainer(make_args(tmp_path), rows, tokenizer=tokenizer, peft_config=lora)
     for engine in ("zero3", "fsdp2", "fsdp1"):
         with pytest.raises(ValueError, match=f"under {engine}: the policy and the reference are sharded"):
             check_sync_launch(make_args(tmp_path), engine, "model")
     for engine in ("single", "ddp", "zero0", "zero1", "zero2"):  # full copies on every process: supported
         check_sync_launch(make_args(tmp_path), engine, "model")
-    cached = NormalizedDPOTrainer(
-        model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),
-        args=make_args(tmp_path, max_steps=1),
-        train_dataset=rows,
-        processing_class=tokenizer,
-    )
+    cached = tiny_trainer(make_args(tmp_path, max_steps=1), rows, tokenizer=tokenizer)
     n = len(cached.train_dataset)
     cached.train_dataset = cached.train_dataset.add_column("ref_chosen_logp_sums", [0.0] * n).add_column(
         "ref_rejected_logp_sums", [0.0] * n
@@ -221,13 +198,7 @@ def test_refused_settings_say_why(tokenizer, rows, tmp_path):
     with pytest.raises(ValueError, match="the training data carries reference log-probs"):
         cached.train()
     other = build_model(tokenizer, hidden_size=16, num_layers=2, num_heads=2)  # a layer more than the policy
-    trainer = NormalizedDPOTrainer(
-        model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),
-        ref_model=other,
-        args=make_args(tmp_path, max_steps=1),
-        train_dataset=rows,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(make_args(tmp_path, max_steps=1), rows, tokenizer=tokenizer, ref_model=other)
     with pytest.raises(ValueError, match="reference's parameter model.layers.1.* has no policy parameter"):
         trainer.train()
 
@@ -236,12 +207,7 @@ def test_model_card_and_trl_names(tokenizer, rows, tmp_path):
     from hf_dpo.training.trl_names import translate_argv
 
     args = make_args(tmp_path, max_steps=2)
-    trainer = NormalizedDPOTrainer(
-        model=build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2),
-        args=args,
-        train_dataset=rows,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(args, rows, tokenizer=tokenizer)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     card = (tmp_path / "final" / "README.md").read_text()
@@ -265,7 +231,7 @@ def test_sync_with_an_sft_adapter_reference_mixes_the_adapters_and_resumes(token
 
     from hf_dpo.reference.adapters import REF_ADAPTER
 
-    build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0).save_pretrained(tmp_path / "base")
+    build_model(tokenizer, **TINY_LLAMA, seed=0).save_pretrained(tmp_path / "base")
     torch.manual_seed(1)
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lora).save_pretrained(tmp_path / "sft")

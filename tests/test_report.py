@@ -6,9 +6,10 @@ from pathlib import Path
 
 import datasets
 import pytest
+from cpu_run import cpu_args
 
-from hf_dpo import DPOConfig, NormalizedDPOTrainer, load_preference_dataset, tokenize_dataset
-from hf_dpo.cli.demo import build_model, build_tokenizer
+from hf_dpo import load_preference_dataset, tokenize_dataset
+from hf_dpo.cli.demo import build_tokenizer
 from hf_dpo.data import DataReport
 from hf_dpo.data.report import format_data_report, length_stats, log_data_reports
 
@@ -86,22 +87,16 @@ def test_report_of_a_file_with_known_counts(known_file):
     assert format_data_report(report, "train", tokenized) == expected_report(known_file)
 
 
-def test_trainer_logs_the_report_once_when_training_starts(known_file, tmp_path, caplog):
-    chatml = build_tokenizer("chatml")
-    args = DPOConfig(
-        output_dir=str(tmp_path / "out"),
+def test_trainer_logs_the_report_once_when_training_starts(known_file, tmp_path, caplog, tiny_trainer):
+    args = cpu_args(
+        tmp_path / "out",
         max_steps=1,
         per_device_train_batch_size=2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
         on_bad_row="skip",
         max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT_LENGTH,
     )
-    model = build_model(chatml, hidden_size=16, num_layers=1, num_heads=2)
-    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=str(known_file), processing_class=chatml)
+    trainer = tiny_trainer(args, str(known_file))
     with caplog.at_level(logging.INFO, logger="hf_dpo.data.report"):
         trainer.train()
         trainer.train()  # a second call does not repeat it
@@ -135,18 +130,17 @@ def test_clean_data_is_reported_at_info_level(caplog):
 
 VISIBILITY_SCRIPT = """
 import logging, sys
-from hf_dpo import DPOConfig, NormalizedDPOTrainer
-from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
+from cpu_run import cpu_args, tiny_trainer
+from hf_dpo.cli.demo import build_tokenizer
 if sys.argv[2] == "configured":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="CONFIGURED %(name)s %(levelname)s %(message)s")
 tokenizer = build_tokenizer("chatml")
 for limits in sys.argv[3:]:  # "max_length,max_prompt_length" per run
     max_length, max_prompt_length = map(int, limits.split(","))
     print("RUN", limits, file=sys.stderr, flush=True)
-    args = DPOConfig(output_dir=sys.argv[1], max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no",
-                     use_cpu=True, disable_tqdm=True, max_length=max_length, max_prompt_length=max_prompt_length)
-    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
-    trainer = NormalizedDPOTrainer(model=model, args=args, train_dataset=make_preference_rows(8, seed=0), processing_class=tokenizer)
+    args = cpu_args(sys.argv[1], max_steps=1, per_device_train_batch_size=2, max_length=max_length,
+                    max_prompt_length=max_prompt_length)
+    trainer = tiny_trainer(args, 8, tokenizer=tokenizer)
     trainer.train()
     trainer.train()
 """
@@ -158,12 +152,9 @@ def _run_visibility_script(tmp_path, mode, *limits):
     import subprocess
     import sys
 
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
-        ),
-    }
+    tests = Path(__file__).resolve().parent  # the repository for hf_dpo, tests/ for cpu_run
+    path = os.pathsep.join(filter(None, [str(tests.parent), str(tests), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-c", VISIBILITY_SCRIPT, str(tmp_path / mode), mode, *limits],
         capture_output=True,

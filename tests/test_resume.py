@@ -36,8 +36,9 @@ def run_training(output_dir, data_path, resume=False, pause_marker=None):
     are written and before its optimizer, write the marker and sleep (the test kills the process there)."""
     import datasets
     import torch
+    from cpu_run import TINY_LLAMA, cpu_args
 
-    from hf_dpo import DPOConfig, NormalizedDPOTrainer
+    from hf_dpo import NormalizedDPOTrainer
     from hf_dpo.cli.demo import build_model, build_tokenizer
 
     datasets.disable_progress_bars()
@@ -51,17 +52,15 @@ def run_training(output_dir, data_path, resume=False, pause_marker=None):
             return super()._save_optimizer_and_scheduler(output_dir)
 
     tokenizer = build_tokenizer("chatml")
-    model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2, seed=0)
-    args = DPOConfig(
-        output_dir=str(output_dir),
+    model = build_model(tokenizer, **TINY_LLAMA, seed=0)
+    args = cpu_args(
+        output_dir,
         per_device_train_batch_size=2,
         max_steps=MAX_STEPS,
+        save_strategy="steps",
         save_steps=SAVE_STEPS,
         logging_steps=1,
         learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
         seed=0,
     )
     trainer = PausingInSave(model=model, args=args, train_dataset=str(data_path), processing_class=tokenizer)

@@ -11,9 +11,10 @@ import math
 
 import pytest
 import torch
+from cpu_run import TINY_LLAMA, cpu_args
 from real_templates import NAMES, build_template_tokenizer
 
-from hf_dpo import DPOCollator, DPOConfig, NormalizedDPOTrainer
+from hf_dpo import DPOCollator, NormalizedDPOTrainer
 from hf_dpo.cli.demo import build_model
 
 ROWS = [
@@ -58,14 +59,10 @@ def test_each_template_trains_in_both_modes(name, tmp_path):
     )
     scored = {}
     for mode in ("last", "all"):
-        model = build_model(tokenizer, hidden_size=16, num_layers=1, num_heads=2)
+        model = build_model(tokenizer, **TINY_LLAMA)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        args = DPOConfig(
-            output_dir=str(tmp_path / mode),
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
-            disable_tqdm=True,
+        args = cpu_args(
+            tmp_path / mode,
             max_length=256,
             max_prompt_length=192,
             per_device_train_batch_size=4,

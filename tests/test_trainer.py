@@ -13,6 +13,7 @@ What is pinned down here, with numbers:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 
@@ -20,6 +21,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_run import CPU_RUN, cpu_args
 from torch.utils.data import SequentialSampler
 from transformers import TrainingArguments
 
@@ -64,22 +66,15 @@ class SequentialTrainer(NormalizedDPOTrainer):
         return losses, aux_term, metrics
 
 
-def make_args(output_dir, **overrides) -> DPOConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        max_length=MAX_LENGTH,
-        max_prompt_length=MAX_PROMPT_LENGTH,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=16,
-        lr_scheduler_type="constant",
-        seed=0,
-    )
-    values.update(overrides)
-    return DPOConfig(**values)
+make_args = functools.partial(
+    cpu_args,
+    max_length=MAX_LENGTH,
+    max_prompt_length=MAX_PROMPT_LENGTH,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=16,
+    lr_scheduler_type="constant",
+    seed=0,
+)
 
 
 def max_abs_diff(a: dict, b: dict) -> float:
@@ -462,15 +457,12 @@ def test_simpo_trains_without_a_reference(tokenizer, rows, tmp_path):
 def test_plain_training_arguments_are_converted(tokenizer, rows, tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path),
+        **CPU_RUN,
         learning_rate=1e-3,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=2,
         max_steps=1,
         seed=7,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
         remove_unused_columns=True,
         max_grad_norm=0.5,
         lr_scheduler_type="cosine",

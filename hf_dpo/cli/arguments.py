@@ -51,7 +51,13 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "torch_num_threads": 1,
 }
 # Only when there is evaluation data: Trainer refuses eval_strategy="steps" without it.
-DEMO_EVAL_DEFAULTS: dict[str, Any] = {"eval_strategy": "steps", "eval_steps": 8}
+# The demo's answers are a few tokens long: 32 new tokens bound the generations of the untrained model (docs/metrics.md).
+DEMO_EVAL_DEFAULTS: dict[str, Any] = {
+    "eval_strategy": "steps",
+    "eval_steps": 8,
+    "eval_generations": 4,
+    "eval_generation_max_new_tokens": 32,
+}
 # The script's own defaults for TrainingArguments fields, demo or not: the held-out numbers
 # before training come from an evaluation inside train(), after every report_to integration
 # has started (an evaluate() before train() would log to trackers not yet set up).

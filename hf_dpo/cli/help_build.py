@@ -103,6 +103,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "eval_strategy",
         "eval_steps",
         "eval_on_start",
+        "eval_generations",
     ),
     "output": (
         "output_dir",

@@ -132,6 +132,10 @@ evaluation: held-out pairs and when they are scored:
                                   --logging_steps]
   --eval_on_start                 Evaluate before the first step: the 'before' numbers of the
                                   closing screen. [default: true with evaluation pairs]
+  --eval_generations              At every evaluation (the one before training included, with
+                                  eval_on_start), complete the first N held-out prompts and log
+                                  their length, end-of-turn rate and log-ratio to the reference.
+                                  [default: 0]
 
 output: where results go, resuming, logging:
   --output_dir                    Where the model, checkpoints, metrics, curves and the run record
@@ -156,10 +160,10 @@ output: where results go, resuming, logging:
 
 more options of hf_dpo (hf-dpo --help-all shows their help):
   --dataset_config --dataset_revision --model_revision --ref_model_mixup_alpha
-  --ref_model_sync_steps --discopop_tau --f_divergence_type --f_alpha_divergence_coef
-  --use_weighting --ld_alpha --nonfinite_max_consecutive_skips --step_timeout --logprob_chunk_size
-  --pad_to_multiple_of --dataset_num_proc --padding_free_max_row_tokens --precompute_ref_batch_size
-  --ref_logps_cache_dir
+  --ref_model_sync_steps --eval_generation_max_new_tokens --eval_generation_kwargs --discopop_tau
+  --f_divergence_type --f_alpha_divergence_coef --use_weighting --ld_alpha
+  --nonfinite_max_consecutive_skips --step_timeout --logprob_chunk_size --pad_to_multiple_of
+  --dataset_num_proc --padding_free_max_row_tokens --precompute_ref_batch_size --ref_logps_cache_dir
 
 Every TrainingArguments option is accepted too, and TRL's names where they mean the same
 (--dataset_name, --rpo_alpha, --precompute_ref_log_probs, ...): hf-dpo --help-all lists them all.

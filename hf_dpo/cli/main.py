@@ -48,7 +48,7 @@ from .run_record import (
     run_identity,
     write_record,
 )
-from .summary import evaluation_at, held_out_numbers, print_summary, write_plot
+from .summary import evaluation_at, generation_change, held_out_numbers, print_summary, write_plot
 
 logger = logging.getLogger("hf_dpo.cli")
 
@@ -159,6 +159,7 @@ def run(script_args: ScriptArguments, model_args: ModelArguments, training_args:
             "after": held_out_numbers(after),
             "after_step": step if after else None,
         },
+        "generations": generation_change(output_dir, trainer.state.log_history),
         "outputs": {"output_dir": str(output_dir)},
     }
     if trainer.is_world_process_zero() and script_args.plot:

@@ -28,6 +28,11 @@ PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("reward margin", "rewards/margins", ("rewards/margins",)),
     ("log-probs", "logps (per token when length-normalized)", ("logps/chosen", "logps/rejected")),
 )
+# Drawn below the others when the run logged them (--eval_generations): evaluation points only.
+GENERATION_PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("generated length", "tokens per completion", ("generation/length_mean",)),
+    ("generation KL estimate", "log-ratio to the reference per token", ("generation/kl",)),
+)
 
 Series = tuple[list[int], list[float]]
 
@@ -71,7 +76,8 @@ def plot_training_curves(log_history: Iterable[dict], path: Union[str, os.PathLi
 
 
 def draw_training_curves(log_history: Iterable[dict], title: str = ""):
-    """A matplotlib ``Figure`` of :data:`PANELS` drawn from ``log_history``, one axes per panel.
+    """A matplotlib ``Figure`` of :data:`PANELS` (and :data:`GENERATION_PANELS` when logged) drawn from
+    ``log_history``, one axes per panel.
 
     Training series are solid lines, evaluation series dashed with markers (the
     evaluation before training sits at step 0); a series of one or two points has
@@ -91,12 +97,16 @@ def draw_training_curves(log_history: Iterable[dict], title: str = ""):
         ) from None
 
     log_history = list(log_history)
-    curves = curves_from_log_history(log_history, [key for _, _, keys in PANELS for key in keys])
+    panels = PANELS
+    if any(f"eval_{keys[0]}" in entry for _, _, keys in GENERATION_PANELS for entry in log_history):
+        panels = PANELS + GENERATION_PANELS
+    curves = curves_from_log_history(log_history, [key for _, _, keys in panels for key in keys])
     summary = next((e for e in reversed(log_history) if "train_loss" in e and "step" in e), {})
-    figure = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+    rows = len(panels) // 2
+    figure = Figure(figsize=(10, 3.5 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 2).flatten()
-    for ax, (panel_title, ylabel, keys) in zip(axes, PANELS):
+    axes = figure.subplots(rows, 2).flatten()
+    for ax, (panel_title, ylabel, keys) in zip(axes, panels):
         drawn = False
         for i, key in enumerate(keys):
             color = f"C{i}"

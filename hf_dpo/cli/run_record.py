@@ -62,6 +62,10 @@ NOT_IN_IDENTITY = frozenset(
         "trust_remote_code",
         "on_bad_row",
         "nonfinite_loss",
+        # What is generated at evaluation changes no weight: a resume may ask for more or fewer samples.
+        "eval_generations",
+        "eval_generation_max_new_tokens",
+        "eval_generation_kwargs",
     }
 )
 

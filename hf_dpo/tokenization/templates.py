@@ -110,6 +110,14 @@ def _turn_edges(tokenizer, kwargs: Optional[dict]) -> tuple[str, str]:
     return lead, eot
 
 
+def end_of_turn_text(tokenizer, kwargs: Optional[dict] = None) -> str:
+    """What the template writes right after an assistant answer (ChatML: ``<|im_end|>\\n``), found by probing.
+
+    Raises :class:`DataError` (``template_mismatch``) for a template that does not render a probe answer as written.
+    """
+    return _turn_edges(tokenizer, kwargs)[1]
+
+
 def _classify(answer: str, prompt_text: str, full_text: str, eot: str) -> str:
     tail = full_text[len(prompt_text) :]
     if tail.startswith(answer + eot):

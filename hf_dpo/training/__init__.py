@@ -6,7 +6,10 @@ processes), ``selfcheck`` (the step-0 self-check, the beta warning), ``faults`` 
 exception stops every process; collective timeouts per step), ``launch`` (runs that would not
 get the engine they ask for), ``moe`` (the router load-balancing loss), ``metrics`` (means over
 finite values: pair-weighted metrics, the logged loss), ``splits`` (the train and eval sets),
-``checkpoints`` (resuming from complete checkpoints only) and ``model_card``.
+``checkpoints`` (resuming from complete checkpoints only), ``model_card``, and the evaluation
+generations: ``generations`` (prompts, stops, the batched decode), ``generation_engines`` (full
+parameters under ZeRO-3 / FSDP2), ``generation_kl``, ``generation_records`` (generations.jsonl),
+``generation_tables`` (tracker tables) and ``generation_eval`` (the callback).
 """
 
 from .checkpoints import latest_complete_checkpoint

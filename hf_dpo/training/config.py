@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from transformers import TrainingArguments
 
-from ..common.flags import parse_auto_bool
+from ..common.flags import parse_auto_bool, parse_json_object
 from ..data.columns import parse_columns
 from ..losses import F_DIVERGENCES, LOSS_REGISTRY, LossObjective, as_loss_types, loss_type_help
 from .dpo_defaults import DPOTrainingDefaults
+from .generation_args import GenerationArguments, check_generation_arguments
 from .reference_args import ReferenceArguments, check_reference_arguments
 from .trl_names import accept_trl_names
 
@@ -33,7 +33,7 @@ def _choices_help(text: str, choices) -> str:
 
 @accept_trl_names  # DPOConfig(precompute_ref_log_probs=True) and TRL's other names (hf_dpo/training/trl_names.py)
 @dataclass
-class DPOConfig(ReferenceArguments, DPOTrainingDefaults):
+class DPOConfig(GenerationArguments, ReferenceArguments, DPOTrainingDefaults):
     """Training arguments for :class:`hf_dpo.NormalizedDPOTrainer`.
 
     Everything not listed here (batch size, learning rate, precision, logging,
@@ -319,7 +319,7 @@ class DPOConfig(ReferenceArguments, DPOTrainingDefaults):
             raise ValueError(
                 f"--step_timeout must be >= 0 seconds (0: ddp_timeout throughout), got {self.step_timeout}"
             )
-        self.chat_template_kwargs = _parse_kwargs(self.chat_template_kwargs)
+        self.chat_template_kwargs = parse_json_object(self.chat_template_kwargs, "chat_template_kwargs")
         self.dataset_columns = parse_columns(self.dataset_columns)
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ValueError(f"--router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
@@ -330,6 +330,7 @@ class DPOConfig(ReferenceArguments, DPOTrainingDefaults):
             "logprob_chunk_size",
             "precompute_ref_batch_size",
             "padding_free_max_row_tokens",
+            "eval_generation_max_new_tokens",
         ):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -360,23 +361,13 @@ class DPOConfig(ReferenceArguments, DPOTrainingDefaults):
                 f"and --loss_type {losses}"
             )
         check_reference_arguments(self)
+        check_generation_arguments(self)
         super().__post_init__()
 
 
 def _check_choice(flag: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"--{flag}: got {value!r}; choose one of {', '.join(choices)}")
-
-
-def _parse_kwargs(value) -> Optional[dict]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--chat_template_kwargs: not valid JSON ({err}): {value!r}") from None
-    if value is not None and not isinstance(value, dict):
-        raise ValueError(f"--chat_template_kwargs: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def as_dpo_config(args: Optional[TrainingArguments]) -> DPOConfig:

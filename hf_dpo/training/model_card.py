@@ -31,6 +31,7 @@ from huggingface_hub import ModelCardData
 
 from ..losses import LossObjective
 from .adapter_export import saved_lora_settings
+from .generation_records import card_lines as generation_card_lines
 from .ref_sync import reference_settings
 
 CARD_NAME = "README.md"
@@ -295,6 +296,8 @@ def build_model_card(
     lines += ["", "## Results", "", *results_table(trainer.state.log_history, trainer.state.global_step)]
     if (Path(output_dir) / CURVES_NAME).is_file():
         lines += ["", f"![training curves]({CURVES_NAME})"]
+    # --eval_generations: one prompt before and after training
+    lines += generation_card_lines(args.output_dir, lambda path: publishable_name(path, output_dir))
     lines += ["", "## Framework versions", "", *(f"- {k}: {v}" for k, v in framework_versions().items())]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 

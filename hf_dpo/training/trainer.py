@@ -1,9 +1,8 @@
 """NormalizedDPOTrainer: a thin Trainer subclass for length-normalized DPO.
 
-Trainer and accelerate own the loop, mixed precision, gradient accumulation,
-checkpointing and distribution. This class adds what DPO needs: data preparation,
-a reference, ``compute_loss``/``prediction_step``, and metric logging. The stages
-it wires together live in their own folders (docs/architecture.md).
+Trainer and accelerate own the loop, mixed precision, gradient accumulation, checkpointing and distribution. This
+class adds what DPO needs: data preparation, a reference, ``compute_loss``/``prediction_step``, and metric logging.
+The stages it wires together live in their own folders (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
-from ..common.columns import REF_LOGP_COLUMNS, TOKENIZED_COLUMNS
+from ..common.columns import BATCH_COLUMNS, REF_LOGP_COLUMNS, TOKENIZED_COLUMNS
 from ..common.models import disable_dropout
 from ..data import is_canonical, load_preference_dataset
 from ..layouts import LayoutCheck, build_collator, choose_layouts, default_pad_token_id
@@ -39,6 +38,7 @@ from ..scoring import score_batch
 from ..tokenization import tokenize_dataset
 from .config import DPOConfig, as_dpo_config
 from .faults import process_callbacks, relay_failures
+from .generation_eval import GenerationEval
 from .guards import TrainingGuards
 from .launch import EngineCheck, check_launch
 from .metrics import PairMetrics
@@ -49,8 +49,6 @@ from .selfcheck import warn_about_settings
 from .splits import DataReportCallback, map_eval_sets, map_splits
 
 logger = logging.getLogger(__name__)
-
-BATCH_COLUMNS = [*TOKENIZED_COLUMNS, "prompt_length", "row_id", *REF_LOGP_COLUMNS]
 
 
 @relay_failures("__init__", "train")  # an exception in either on one process stops every process with the same line
@@ -153,6 +151,9 @@ class NormalizedDPOTrainer(Trainer):
         self.add_callback(self.reference_upkeep)  # TR-DPO's syncs, the ref_adapter's state: reference_upkeep.py
         if self.ref_model is not None:
             self.ref_model = prepare_reference(self.ref_model, self.accelerator)  # sharded like the policy
+        self.generation_eval = GenerationEval.attach(  # --eval_generations, or None: generation_eval.py
+            self.callback_handler, args, self.accelerator, tokenizer, self.reference_mode, self.score, launch.engine
+        )
         if wants_length_grouping(args):
             self.train_dataset = add_length_column(
                 self.train_dataset, args.length_column_name, self.layout.share_prompt
@@ -176,8 +177,6 @@ class NormalizedDPOTrainer(Trainer):
         """The DPO model card (:mod:`hf_dpo.training.model_card`) in ``output_dir``; ``push_to_hub`` uploads it."""
         if self.is_world_process_zero():
             write_model_card(self, self.args.output_dir, **kwargs)
-
-    # ------------------------------------------------------------------ data
 
     def _prepare_dataset(self, dataset, tokenizer, args: DPOConfig, name: str):
         """Raw or canonical rows -> tokenized pairs; already tokenized data passes through."""
@@ -226,8 +225,6 @@ class NormalizedDPOTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             self._signature_columns = list(BATCH_COLUMNS)
-
-    # ------------------------------------------------------------------ reference
 
     def _precompute_reference(self) -> None:
         """Add cached reference sums to the train and eval sets, then release the reference model.
@@ -353,10 +350,8 @@ class NormalizedDPOTrainer(Trainer):
         if eval_dataset is not None and not isinstance(eval_dataset, str):  # a str names one of several eval sets
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
 
-            def prepare(dataset, name):
-                return self._prepare_dataset(
-                    dataset, tokenizer, self.args, metric_key_prefix if name == "eval" else name
-                )
+            def prepare(dataset, key):
+                return self._prepare_dataset(dataset, tokenizer, self.args, metric_key_prefix if key == "eval" else key)
 
             eval_dataset = map_eval_sets(prepare, eval_dataset)
         # Trainer.evaluate calls itself once per named eval set with the prefix "eval_<name>".
@@ -367,6 +362,14 @@ class NormalizedDPOTrainer(Trainer):
         finally:
             self._metric_key_prefix = outer
 
+    def evaluation_loop(self, dataloader, description, *args, metric_key_prefix: str = "eval", **kwargs):
+        """``Trainer.evaluation_loop``, then the ``--eval_generations`` completions, logged with the evaluation."""
+        output = super().evaluation_loop(dataloader, description, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.generation_eval is not None and description == "Evaluation":  # not predict()
+            at = (self.model_wrapped, self.ref_model, dataloader.dataset, metric_key_prefix, self.state.global_step)
+            output.metrics.update(self.generation_eval.evaluate(*at, self.data_reports.get(metric_key_prefix)))
+        return output
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -375,8 +378,6 @@ class NormalizedDPOTrainer(Trainer):
         loss = losses.mean() if aux_term is None else losses.mean() + aux_term
         # The DPO metrics are logged through log(); there are no logits to hand to compute_metrics.
         return loss.detach(), None, None
-
-    # ------------------------------------------------------------------ metrics
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the DPO metrics of the logging interval, pair-weighted (prefixed like ``eval_loss`` in evaluation)."""
