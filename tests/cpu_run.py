@@ -45,3 +45,28 @@ def tiny_trainer(
     model = build_model(tokenizer, **TINY_LLAMA) if model is None else model
     rows = make_preference_rows(rows, seed=0) if isinstance(rows, int) else rows
     return trainer_class(model=model, args=args, train_dataset=rows, processing_class=tokenizer, **trainer_kwargs)
+
+
+def conversational_rows(n: int, seed: int = 3) -> list[dict]:
+    """``n`` demo rows as TRL's conversational layout has them: an explicit prompt (some with an earlier exchange)
+    and one-message answers, so that TRL and hf_dpo read the same conversation."""
+    return [
+        {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
+        for row in make_preference_rows(n, seed=seed)
+    ]
+
+
+def noisy_policy_and_reference(tokenizer, noise_std: float):
+    """``(policy, reference)`` in eval mode: the demo init (hidden 32, 2 layers), and the same plus seeded Gaussian
+    noise of ``noise_std`` on every weight, so that log-ratios are away from 0 (at step 0 every loss is ln 2)."""
+    import copy
+
+    import torch
+
+    reference = build_model(tokenizer, hidden_size=32, num_layers=2)
+    policy = copy.deepcopy(reference)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(noise_std * torch.randn(param.shape, generator=generator))
+    return policy.eval(), reference.eval()

@@ -22,10 +22,10 @@ import re
 import datasets
 import pytest
 import torch
-from cpu_run import cpu_args, trl_cpu_args
+from cpu_run import conversational_rows, cpu_args, noisy_policy_and_reference, trl_cpu_args
 
 from hf_dpo import NormalizedDPOTrainer
-from hf_dpo.cli.demo import build_model, build_tokenizer, make_preference_rows
+from hf_dpo.cli.demo import build_tokenizer
 from hf_dpo.losses import LOSS_REGISTRY, LossObjective
 
 trl = pytest.importorskip("trl")  # a dev dependency: installed in CI, so this never skips there
@@ -48,23 +48,13 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def rows():
-    """Conversational rows (explicit prompt, one-message answers), some with an earlier exchange."""
-    return [
-        {"prompt": row["chosen"][:-1], "chosen": row["chosen"][-1:], "rejected": row["rejected"][-1:]}
-        for row in make_preference_rows(N_PAIRS, seed=3)
-    ]
+    return conversational_rows(N_PAIRS)
 
 
 @pytest.fixture(scope="module")
 def models(tokenizer):
     """``(policy, reference)``: the demo init, and the same plus N(0, 0.05^2) on every weight."""
-    reference = build_model(tokenizer, hidden_size=32, num_layers=2)
-    policy = copy.deepcopy(reference)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in policy.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return policy.eval(), reference.eval()
+    return noisy_policy_and_reference(tokenizer, 0.05)
 
 
 @pytest.fixture(scope="module")
