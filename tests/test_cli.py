@@ -541,15 +541,19 @@ def test_push_to_hub_reaches_the_upload_with_card_and_weights(tmp_path, monkeypa
 
 
 def documented_commands():
-    """Every ``hf-dpo`` / ``-m hf_dpo`` command line in the bash blocks of the README, docs/usage.md and
-    docs/loss.md, as argument lists."""
+    """Every ``hf-dpo`` / ``-m hf_dpo`` training command line in the bash blocks of the README, docs/usage.md,
+    docs/loss.md and docs/real_model.md, as argument lists (``hf-dpo fetch-model`` is run by
+    tests/test_real_model_doc.py, with that doc's training commands)."""
     import shlex
 
     commands = []
-    for path in (ROOT / "README.md", ROOT / "docs" / "usage.md", ROOT / "docs" / "loss.md"):
+    docs = ("usage.md", "loss.md", "real_model.md")
+    for path in (ROOT / "README.md", *(ROOT / "docs" / name for name in docs)):
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(encoding="utf-8"), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split("#")[0].strip()
+                if "fetch-model" in line:
+                    continue
                 for marker in ("&& hf-dpo", "-m hf_dpo", "hf-dpo"):
                     if marker in line and "..." not in line:
                         commands.append(
