@@ -68,6 +68,12 @@ def padded_batch(real_tokenizer, real_pairs):
     return DPOCollator(pad_token_id=real_tokenizer.pad_token_id)([tokenized[i] for i in range(N_PAIRS)])
 
 
+@pytest.fixture(scope="module")
+def base_logps(real_model, padded_batch):
+    """The untrained model's per-sequence mean log-probs of the four pairs, ``(2B,)``."""
+    return mean_logps(real_model, padded_batch)
+
+
 def mean_logps(model, batch):
     """Per-sequence mean response log-probs ``(2B,)`` of ``batch`` under ``model`` (eval mode, no gradient)."""
     model.eval()
@@ -131,7 +137,7 @@ def test_real_model_projection_equals_full_logits_with_tied_embeddings(real_mode
 
 
 def test_real_model_full_finetune_step_zero_layouts_and_reload(
-    real_model, real_tokenizer, real_pairs, padded_batch, tmp_path, caplog
+    real_model, real_tokenizer, real_pairs, padded_batch, base_logps, tmp_path, caplog
 ):
     """A full fine-tune with the defaults on the real Llama (sdpa): the automatic layouts are chosen, checked
     against the padded path on the first batch for policy and reference, and the run says which and by how much;
@@ -160,16 +166,16 @@ def test_real_model_full_finetune_step_zero_layouts_and_reload(
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
     trained = mean_logps(trainer.model, padded_batch)
     assert torch.equal(mean_logps(reloaded, padded_batch), trained)
-    assert (trained - mean_logps(real_model, padded_batch)).abs().max() > 0
+    assert (trained - base_logps).abs().max() > 0
 
 
 def test_real_model_lora_adapter_trains_and_reloads_to_the_same_scores(
-    real_model, real_tokenizer, real_pairs, padded_batch, tmp_path
+    real_model, real_tokenizer, real_pairs, padded_batch, base_logps, tmp_path
 ):
     from peft import LoraConfig, PeftModel
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    args = args_for(tmp_path / "run", learning_rate=1e-3, max_steps=2)
+    args = args_for(tmp_path / "run", learning_rate=1e-3, max_steps=1)
     trainer = NormalizedDPOTrainer(
         model=copy.deepcopy(real_model),
         args=args,
@@ -180,13 +186,16 @@ def test_real_model_lora_adapter_trains_and_reloads_to_the_same_scores(
     assert trainer.reference_mode == "adapter"
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # the adapter-disabled base is the reference
     trainer.save_model()
     trained = mean_logps(trainer.model, padded_batch)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(real_model), str(tmp_path / "run"))
     assert torch.allclose(mean_logps(reloaded, padded_batch), trained, rtol=0, atol=1e-5)
-    base = mean_logps(real_model, padded_batch)
+    base = base_logps
     assert (trained - base).abs().max().item() > 1e-3  # the adapter changed the scores
+    # ... in DPO's direction: on the pairs it trained on, the chosen answers gained on the rejected ones.
+    chosen, rejected = (trained - base).chunk(2)  # the batch is [chosen_1..chosen_B, rejected_1..rejected_B]
+    assert (chosen - rejected).mean().item() > 0
 
 
 def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, real_pairs, tmp_path):
@@ -197,9 +206,10 @@ def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, rea
         for name, param in policy.named_parameters():
             if "layers.0." in name and param.dim() == 2:
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.01)
+    reference = copy.deepcopy(real_model)  # scored without gradients by both trainers: one copy serves both
     ours = NormalizedDPOTrainer(
         model=policy,
-        ref_model=copy.deepcopy(real_model),
+        ref_model=reference,
         args=args_for(tmp_path / "ours"),
         train_dataset=real_pairs,
         processing_class=real_tokenizer,
@@ -207,7 +217,7 @@ def test_real_model_loss_equals_trl_sigmoid_norm(real_model, real_tokenizer, rea
     rows = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in real_pairs]
     theirs = trl.DPOTrainer(
         model=copy.deepcopy(policy),
-        ref_model=copy.deepcopy(real_model),
+        ref_model=reference,
         args=trl_cpu_args(
             tmp_path / "trl",
             loss_type=["sigmoid_norm"],
