@@ -7,37 +7,13 @@ Asking for extras must not change the sums, the counts or the gradients, and mus
 
 import pytest
 import torch
+from test_packing import random_features
 
 from hf_dpo.cli.demo import build_model, build_tokenizer
 from hf_dpo.layouts.packed import PackedDPOCollator
 from hf_dpo.layouts.padded import DPOCollator
 from hf_dpo.scoring import score_batch
 from hf_dpo.scoring.extras import token_ranks
-
-
-def features_with_lengths(prompt_mask: bool) -> list[dict]:
-    """Three pairs whose responses differ in length both ways (chosen 2, 5, 8; rejected 9, 7, 5 tokens); with
-    ``prompt_mask`` two prompt tokens are scored too (an earlier assistant turn under completion_turns="all")."""
-    generator = torch.Generator().manual_seed(4)
-    features = []
-    for i in range(3):
-        n_prompt = 3 + 4 * i
-        prompt = torch.randint(3, 900, (n_prompt,), generator=generator).tolist()
-        mask = [0] * n_prompt
-        if prompt_mask:
-            mask[1:3] = [1, 1]
-        chosen = torch.randint(3, 900, (2 + 3 * i,), generator=generator).tolist()
-        rejected = torch.randint(3, 900, (9 - 2 * i,), generator=generator).tolist()
-        features.append(
-            {
-                "chosen_input_ids": prompt + chosen,
-                "chosen_response_mask": mask + [1] * len(chosen),
-                "rejected_input_ids": prompt + rejected,
-                "rejected_response_mask": mask + [1] * len(rejected),
-                "prompt_length": n_prompt,
-            }
-        )
-    return features
 
 
 def float64_expected(model, features, prefix_lengths):
@@ -80,7 +56,8 @@ def expected_for(model_and_pad):
     model, pad = model_and_pad
     cases = {}
     for prompt_mask in (False, True):
-        features = features_with_lengths(prompt_mask)
+        # Three pairs whose responses differ in length both ways (chosen 2, 5, 8; rejected 9, 7, 5 tokens).
+        features = random_features(3, seed=4, prompt_mask=prompt_mask)
         batch = DPOCollator(pad)(features)
         # LD-DPO's split: each pair's shorter length; one sequence cut at 0 and one kept whole as edge cases.
         prefix_lengths = torch.minimum(batch["chosen_lengths"], batch["rejected_lengths"]).repeat(2)
